@@ -1,0 +1,172 @@
+"""TracegenConfig: the one flat config of the tracegen stage, read from YAML and overridable by flags."""
+
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it."""
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TracegenConfig:
+    # --- problems -------------------------------------------------------------------------------------
+    problems: str | None = _help("JSONL or Parquet file, a dataset folder, or a Hugging Face dataset name.", default=None)
+    output_dir: str | None = _help("Run directory; traces go to <output_dir>/traces/.", default=None)
+    problems_split: str = _help("Split of a Hugging Face dataset.", default="train")
+    problems_config: str | None = _help("Config (subset) of a Hugging Face dataset.", default=None)
+    problems_revision: str | None = _help("Pinned revision of a Hugging Face dataset.", default=None)
+    column_map: dict | str | None = _help(
+        'Problem field -> source column, e.g. {prompt: question, answer: final}. "@row" as a column means '
+        "the 0-based row number (for data without ids).", default=None)
+    problem_defaults: dict | str | None = _help(
+        "Values for Problem fields the source lacks, e.g. {domain: math, source: gsm8k}.", default=None)
+    limit: int | None = _help("Use only the first N problems (after validation).", default=None)
+    shard: str = _help("i/N: this process does the i-th of N deterministic parts of the job.", default="0/1")
+    # --- prompt ---------------------------------------------------------------------------------------
+    prompt_template: str | None = _help(
+        "Jinja file rendering the user turn from a problem ({{ prompt }}, {{ id }}, {{ meta }}...). "
+        "Default: the problem's prompt as is.", default=None)
+    system_prompt: str | None = _help("Text or Jinja file with a system turn. Default: none.", default=None)
+    chat_template_kwargs: dict | str | None = _help(
+        "Passed to the server's chat template, e.g. {enable_thinking: true}.", default=None)
+    # --- teacher --------------------------------------------------------------------------------------
+    engine: str = _help("http: any OpenAI-compatible /v1/chat/completions server.", default="http")
+    base_url: list[str] | None = _help("One base URL or a list (balanced), e.g. http://host:8000/v1.", default=None)
+    serve_model: str | None = _help(
+        "Instead of base_url: a model path that tracegen serves itself with vLLM on a free loopback port.",
+        default=None)
+    serve_args: list[str] | None = _help(
+        'Extra arguments for the managed vLLM server, e.g. ["--max-model-len", "4096"].', default=None)
+    serve_timeout_s: float = _help("Seconds to wait for the managed server to become healthy.", default=900.0)
+    model: str | None = _help(
+        "Model name sent to the server. Default: the only model the server lists.", default=None)
+    api_key_env: str | None = _help(
+        "Name of the environment variable holding the API key (the key itself is never stored).", default=None)
+    endpoint_id: str | None = _help(
+        "Identity of the teacher endpoint in request keys. Default: the host of the first base_url (loopback "
+        "and managed servers: 'local'). Set it to keep resuming when servers move.", default=None)
+    # --- sampling -------------------------------------------------------------------------------------
+    n: int = _help("Samples per problem.", default=1)
+    samples_per_request: int | None = _help(
+        "At most this many samples per request (1 for APIs that refuse n>1). Default: all n at once.",
+        default=None)
+    temperature: float = _help("Sampling temperature.", default=0.6)
+    top_p: float = _help("Nucleus sampling.", default=0.95)
+    max_tokens: int = _help("Most completion tokens per sample (reasoning included).", default=32768)
+    seed: int | None = _help("Sampling seed sent with every request.", default=None)
+    top_logprobs: int = _help(
+        "k > 0: store token ids and top-k logprobs of every completion token in logprobs/ (k <= 20).",
+        default=0)
+    return_token_ids: bool | None = _help(
+        "Ask the server for completion token ids (a vLLM extension) for exact per-sample token counts. "
+        "Default: on for managed servers and with top_logprobs.", default=None)
+    extra_body: dict | str | None = _help(
+        "Extra request fields the server understands, e.g. {top_k: 20, repetition_detection: {...}}.",
+        default=None)
+    # --- transport ------------------------------------------------------------------------------------
+    concurrency: int = _help("Requests in flight at once (over all base URLs).", default=64)
+    timeout_s: float = _help("Seconds one request may take (long reasoning is slow).", default=3600.0)
+    max_retries: int = _help("Retries of a request on 429, 5xx, dropped connections, timeouts.", default=8)
+    retry_backoff_s: float = _help("First retry delay; doubles each retry, with jitter.", default=1.0)
+    retry_max_backoff_s: float = _help("Longest retry delay.", default=120.0)
+    # --- output ---------------------------------------------------------------------------------------
+    shard_rows: int = _help("Traces per finished Parquet file.", default=2000)
+    price_input_per_mtok: float | None = _help("Price per million prompt tokens, for the cost line.", default=None)
+    price_output_per_mtok: float | None = _help("Price per million completion tokens.", default=None)
+    log_every_s: float = _help("Status line interval when stderr is not a terminal.", default=60.0)
+
+    def __post_init__(self):
+        for name in ("column_map", "problem_defaults", "chat_template_kwargs", "extra_body"):
+            setattr(self, name, _json_dict(name, getattr(self, name)))
+        if isinstance(self.base_url, str):
+            self.base_url = [self.base_url]
+        if not self.problems:
+            raise ConfigError("problems: required (a JSONL/Parquet file or a dataset name)")
+        if not self.output_dir:
+            raise ConfigError("output_dir: required (e.g. runs/<name>)")
+        if self.engine != "http":
+            raise ConfigError(f"engine: {self.engine!r} is not one of: http")
+        if bool(self.base_url) == bool(self.serve_model):
+            raise ConfigError("base_url / serve_model: set exactly one (a server to use, or a model to serve)")
+        if not re.fullmatch(r"\d+/\d+", self.shard) or not int(self.shard.split("/")[0]) < int(self.shard.split("/")[1]):
+            raise ConfigError(f"shard: {self.shard!r} is not i/N with 0 <= i < N")
+        _positive(self, "n", "concurrency", "max_tokens", "shard_rows")
+        if self.samples_per_request is not None:
+            _positive(self, "samples_per_request")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ConfigError(f"top_logprobs: {self.top_logprobs} is not within 0..20")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries: must be >= 0")
+        if self.api_key_env and self.api_key_env not in os.environ:
+            raise ConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        i, count = self.shard.split("/")
+        return int(i), int(count)
+
+    @property
+    def wants_token_ids(self) -> bool:
+        if self.return_token_ids is not None:
+            return self.return_token_ids
+        return bool(self.serve_model) or self.top_logprobs > 0
+
+    def api_key(self) -> str:
+        # vLLM and most self-hosted servers accept any key when they were started without one.
+        return os.environ[self.api_key_env] if self.api_key_env else "EMPTY"
+
+    def save(self, path: Path) -> None:
+        """The resolved config, for the run directory. Holds the key's variable name, never the key."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        tmp.replace(path)
+
+
+def _json_dict(name: str, value):
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}: not a JSON object: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _positive(cfg, *names):
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+
+
+def parse_config(argv: list[str] | None = None) -> TracegenConfig:
+    """--config file.yaml plus --field value overrides; unknown keys and abbreviations are errors."""
+    from trl import TrlParser  # light: only the parser, not the trainers
+
+    parser = TrlParser([TracegenConfig], allow_abbrev=False, prog="python -m tracegen")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if config_path and not Path(config_path).is_file():
+        raise ConfigError(f"--config: no such file: {config_path}")
+    try:
+        (cfg,) = parser.parse_args_and_config(argv)
+    except ConfigError:
+        raise
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+    return cfg

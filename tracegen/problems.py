@@ -1,0 +1,156 @@
+"""Load and validate Problem records (schema: data/README.md), and render them into chat messages.
+
+Every problem is checked before any request is sent: a bad line, a missing field or a duplicate id
+stops the run with the file, the line and what is wrong.
+"""
+
+import json
+from pathlib import Path
+
+import jinja2
+
+REQUIRED = ("id", "domain", "prompt")
+FIELDS = ("id", "domain", "prompt", "answer", "tests", "source", "meta")
+DOMAINS = ("math", "code")
+
+
+class ProblemError(ValueError):
+    """The problem source is malformed; the message names the file and line."""
+
+
+def load_problems(cfg) -> list[dict]:
+    """All problems of `cfg.problems`, validated, in source order."""
+    path = Path(cfg.problems)
+    if path.suffix in (".jsonl", ".json"):
+        rows = _read_jsonl(path)
+    elif path.suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:  # a dataset folder or a hub name such as openai/gsm8k
+        rows = _read_hf(cfg)
+    return validate(rows, cfg.column_map or {}, cfg.problem_defaults or {})
+
+
+def _read_jsonl(path: Path):
+    if not path.is_file():
+        raise ProblemError(f"problems: {path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProblemError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ProblemError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield f"{path}:{lineno}", row
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise ProblemError(f"problems: {path}: no such file")
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+def _read_hf(cfg):
+    """A Hugging Face dataset: a hub name (pinned with problems_revision) or a local dataset folder."""
+    import datasets
+
+    where = f"{cfg.problems} [{cfg.problems_split}]"
+    try:
+        if Path(cfg.problems, "dataset_info.json").exists():
+            ds = datasets.load_from_disk(cfg.problems)
+            ds = ds[cfg.problems_split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(cfg.problems, cfg.problems_config, split=cfg.problems_split,
+                                       revision=cfg.problems_revision)
+    except Exception as e:  # the datasets library raises many types; all mean "cannot load this source"
+        raise ProblemError(f"problems: cannot load dataset {where}: {e}") from None
+    for i, row in enumerate(ds):
+        yield f"{where}: row {i}", row
+
+
+def validate(rows, column_map: dict, defaults: dict) -> list[dict]:
+    unknown = set(column_map) - set(FIELDS)
+    if unknown:
+        raise ProblemError(f"column_map: unknown Problem fields {sorted(unknown)}; fields are {FIELDS}")
+    problems, seen = [], {}
+    for index, (where, row) in enumerate(rows):
+        problem = _to_problem(where, index, row, column_map, defaults)
+        if problem["id"] in seen:
+            raise ProblemError(f"{where}: duplicate id {problem['id']!r} (first at {seen[problem['id']]})")
+        seen[problem["id"]] = where
+        problems.append(problem)
+    if not problems:
+        raise ProblemError("problems: the source has no rows")
+    return problems
+
+
+def _to_problem(where: str, index: int, row: dict, column_map: dict, defaults: dict) -> dict:
+    problem = {}
+    for name in FIELDS:
+        column = column_map.get(name, name)
+        if column == "@row":
+            problem[name] = str(index)
+        elif column in row and row[column] is not None:
+            problem[name] = row[column]
+        else:
+            problem[name] = defaults.get(name)
+    for name in REQUIRED:
+        if problem[name] in (None, ""):
+            column = column_map.get(name, name)
+            raise ProblemError(f"{where}: missing field {column!r} (Problem.{name})")
+    if isinstance(problem["id"], int):
+        problem["id"] = str(problem["id"])
+    for name in ("id", "prompt"):
+        if not isinstance(problem[name], str):
+            raise ProblemError(f"{where}: {name} must be a string, got {type(problem[name]).__name__}")
+    if problem["domain"] not in DOMAINS:
+        raise ProblemError(f"{where}: domain {problem['domain']!r} is not one of {DOMAINS}")
+    if problem["answer"] is not None:
+        problem["answer"] = str(problem["answer"])
+    for name in ("tests", "meta"):
+        if isinstance(problem[name], str):
+            try:
+                problem[name] = json.loads(problem[name])
+            except json.JSONDecodeError:
+                raise ProblemError(f"{where}: {name} is a string but not JSON") from None
+    return problem
+
+
+def shard_of(problems: list[dict], shard: tuple[int, int]) -> list[dict]:
+    """Deterministic split by a hash of the problem id: stable when the source is reordered or grows."""
+    import zlib
+
+    i, count = shard
+    return [p for p in problems if zlib.crc32(p["id"].encode()) % count == i]
+
+
+def make_renderer(prompt_template: str | None, system_prompt: str | None):
+    """problem -> messages, from a Jinja user template and an optional system prompt file."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    user = _template(env, prompt_template, "prompt_template") if prompt_template else None
+    system = _template(env, system_prompt, "system_prompt") if system_prompt else None
+
+    def render(problem: dict) -> list[dict]:
+        try:
+            messages = [{"role": "system", "content": system.render(**problem).strip()}] if system else []
+            text = user.render(**problem).strip() if user else problem["prompt"]
+        except jinja2.TemplateError as e:
+            raise ProblemError(f"prompt_template: {e} (problem {problem['id']})") from None
+        return [*messages, {"role": "user", "content": text}]
+
+    return render
+
+
+def _template(env, path: str, name: str):
+    file = Path(path)
+    if not file.is_file():
+        raise ProblemError(f"{name}: no such file: {path}")
+    try:
+        return env.from_string(file.read_text(encoding="utf-8"))
+    except jinja2.TemplateSyntaxError as e:
+        raise ProblemError(f"{path}:{e.lineno}: {e.message}") from None

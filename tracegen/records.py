@@ -1,0 +1,79 @@
+"""The trace and logprob record schemas (documented in data/README.md), their keys, and reasoning splitting.
+
+Everything that decides a teacher's output goes into the request key, so a rerun of the same command
+finds its finished work and a changed setting never mixes with old traces.
+"""
+
+import hashlib
+import json
+import re
+
+import pyarrow as pa
+
+TRACE_SCHEMA = pa.schema([
+    ("trace_id", pa.string()),
+    ("request_key", pa.string()),
+    ("problem_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("model", pa.string()),
+    ("messages", pa.string()),  # JSON list of {"role", "content"}: the prompt exactly as sent
+    ("reasoning", pa.string()),
+    ("content", pa.string()),
+    ("reasoning_source", pa.string()),  # "field" | "think_tags" | "none"
+    ("finish_reason", pa.string()),
+    ("prompt_tokens", pa.int32()),
+    ("completion_tokens", pa.int32()),
+    ("reasoning_tokens", pa.int32()),
+    ("latency_s", pa.float32()),
+    ("attempts", pa.int32()),
+    ("error", pa.string()),  # null, or the final error of a request that gave up
+    ("sampling", pa.string()),  # JSON of the effective parameters
+    ("created_at", pa.timestamp("ms", tz="UTC")),
+])
+
+LOGPROB_SCHEMA = pa.schema([
+    ("trace_id", pa.string()),
+    ("token_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),
+    ("top_ids", pa.list_(pa.list_(pa.int32()))),
+    ("top_logprobs", pa.list_(pa.list_(pa.float32()))),
+])
+
+
+def _digest(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def request_key(messages: list[dict], model: str, endpoint: str, sampling: dict) -> str:
+    """Hash of everything that decides the output. `n` is not part of it: sample i of a problem is the
+    same trace whether it was asked for alone or among n, so raising n later only adds samples."""
+    return _digest({"messages": messages, "model": model, "endpoint": endpoint, "sampling": sampling})
+
+
+def trace_id(key: str, sample_index: int) -> str:
+    return _digest([key, sample_index])
+
+
+_THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)
+
+
+def split_reasoning(message: dict) -> tuple[str | None, str | None, str]:
+    """(reasoning, content, reasoning_source) from a chat-completion message.
+
+    Order: `reasoning` (vLLM 0.3x), `reasoning_content` (DeepSeek API, SGLang, older vLLM), then
+    `<think>...</think>` in the content. A content that has `</think>` but no opening tag is a model whose
+    chat template already emitted `<think>` in the prompt; an unclosed `<think>` is a truncated trace.
+    """
+    content = message.get("content")
+    for name in ("reasoning", "reasoning_content"):
+        if message.get(name):
+            return message[name], content, "field"
+    if content and ("<think>" in content or "</think>" in content):
+        if "<think>" not in content:
+            reasoning, _, answer = content.partition("</think>")
+            return reasoning.strip("\n"), answer.lstrip("\n"), "think_tags"
+        match = _THINK.search(content)
+        answer = content[match.end():].lstrip("\n")
+        return match.group(1).strip("\n"), answer, "think_tags"
+    return None, content, "none"

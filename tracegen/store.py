@@ -1,0 +1,170 @@
+"""Crash-safe, append-only trace shards.
+
+Finished shards are immutable Parquet files `part-<i>of<N>-<seq>.parquet` (traces/ and, with logprobs,
+logprobs/ under the same name). The open shard is a journal: every finished request is appended to an
+Arrow IPC stream and flushed at once, so `kill -9` at any moment loses only the requests in flight. On
+start the journal is recovered (a torn last batch is dropped) and rolled into a Parquet part. A shard's
+Parquet files are written under a temp name and renamed, logprobs before traces, so a trace part on disk
+means its logprobs are there too.
+"""
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tracegen.records import LOGPROB_SCHEMA, TRACE_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+class ShardWriter:
+    def __init__(self, run_dir: Path, shard: tuple[int, int], rows_per_part: int, logprobs: bool):
+        self.traces_dir = run_dir / "traces"
+        self.logprobs_dir = run_dir / "logprobs" if logprobs else None
+        self.prefix = f"part-{shard[0]}of{shard[1]}-"
+        self.rows_per_part = rows_per_part
+        for d in (self.traces_dir, self.logprobs_dir):
+            if d:
+                d.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(self.traces_dir / f".lock-{shard[0]}of{shard[1]}")
+        self.recovered = self._recover()
+        self._seq = _next_seq(self.traces_dir, self.prefix)
+        self._open_journal()
+
+    # --- writing ---------------------------------------------------------------------------------------
+    def append(self, traces: list[dict], logprobs: list[dict]) -> None:
+        """Journal one request's rows (flushed before returning); roll the shard when it is full."""
+        if self._logprob_journal is not None and logprobs:
+            self._logprob_journal.write(pa.RecordBatch.from_pylist(logprobs, schema=LOGPROB_SCHEMA))
+            self._logprob_file.flush()
+        self._trace_journal.write(pa.RecordBatch.from_pylist(traces, schema=TRACE_SCHEMA))
+        self._trace_file.flush()
+        self._rows += len(traces)
+        if self._rows >= self.rows_per_part:
+            self._roll()
+
+    def close(self) -> None:
+        """Turn the open journal into a finished part (if it has rows) and release the shard lock."""
+        self._roll(reopen=False)
+        self._lock.close()
+
+    def _roll(self, reopen: bool = True) -> None:
+        for f in (self._trace_file, self._logprob_file):
+            if f:
+                f.close()
+        if self._rows:
+            self._finish_part(self._seq)
+            self._seq += 1
+        else:
+            self._journal_path(self.traces_dir, self._seq).unlink(missing_ok=True)
+            if self.logprobs_dir:
+                self._journal_path(self.logprobs_dir, self._seq).unlink(missing_ok=True)
+        if reopen:
+            self._open_journal()
+
+    def _open_journal(self) -> None:
+        self._rows = 0
+        self._trace_file, self._trace_journal = _open_stream(self._journal_path(self.traces_dir, self._seq),
+                                                             TRACE_SCHEMA)
+        self._logprob_file = self._logprob_journal = None
+        if self.logprobs_dir:
+            self._logprob_file, self._logprob_journal = _open_stream(
+                self._journal_path(self.logprobs_dir, self._seq), LOGPROB_SCHEMA)
+
+    def _journal_path(self, directory: Path, seq: int) -> Path:
+        return directory / f".{self.prefix}{seq:06d}.journal.arrow"
+
+    def _part_path(self, directory: Path, seq: int) -> Path:
+        return directory / f"{self.prefix}{seq:06d}.parquet"
+
+    # --- recovery --------------------------------------------------------------------------------------
+    def _finish_part(self, seq: int) -> int:
+        """Journal(s) of `seq` -> Parquet part(s). Returns the number of trace rows kept."""
+        traces = _read_stream(self._journal_path(self.traces_dir, seq), TRACE_SCHEMA)
+        if self.logprobs_dir:
+            logprobs = _read_stream(self._journal_path(self.logprobs_dir, seq), LOGPROB_SCHEMA)
+            # A logprob row whose trace row did not reach the journal belongs to a lost request.
+            keep = pc.is_in(logprobs["trace_id"], value_set=traces["trace_id"])
+            _write_parquet(logprobs.filter(keep), self._part_path(self.logprobs_dir, seq))
+        if traces.num_rows:
+            _write_parquet(traces, self._part_path(self.traces_dir, seq))
+        for d in (self.traces_dir, self.logprobs_dir):
+            if d:
+                self._journal_path(d, seq).unlink(missing_ok=True)
+        return traces.num_rows
+
+    def _recover(self) -> int:
+        rows = 0
+        for journal in sorted(self.traces_dir.glob(f".{self.prefix}*.journal.arrow")):
+            seq = int(journal.name[len(self.prefix) + 1:].split(".")[0])
+            if self._part_path(self.traces_dir, seq).exists():  # finished before the crash; journal is stale
+                for d in (self.traces_dir, self.logprobs_dir):
+                    if d:
+                        self._journal_path(d, seq).unlink(missing_ok=True)
+                continue
+            rows += self._finish_part(seq)
+        if rows:
+            log.info("recovered %d traces from an interrupted run's journal", rows)
+        return rows
+
+
+def _lock(path: Path):
+    f = path.open("w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"{path.parent}: another tracegen process is writing this shard ({path.name})") from None
+    return f
+
+
+def _open_stream(path: Path, schema: pa.Schema):
+    f = path.open("wb")
+    return f, pa.ipc.new_stream(f, schema)
+
+
+def _read_stream(path: Path, schema: pa.Schema) -> pa.Table:
+    """Every complete batch of a journal; a batch torn by a crash ends the read."""
+    batches = []
+    if path.exists() and path.stat().st_size:
+        with path.open("rb") as f:
+            try:
+                reader = pa.ipc.open_stream(f)
+                for batch in reader:
+                    batches.append(batch)
+            except (pa.ArrowInvalid, OSError, EOFError) as e:
+                log.warning("%s: dropped a torn batch at the end (%s)", path.name, e)
+    return pa.Table.from_batches(batches, schema=schema)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _next_seq(directory: Path, prefix: str) -> int:
+    seqs = [int(p.name[len(prefix):].split(".")[0]) for p in directory.glob(f"{prefix}*.parquet")]
+    return max(seqs, default=-1) + 1
+
+
+def read_traces(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All finished trace rows of a run (every shard), including the error rows of failed requests."""
+    files = sorted((run_dir / "traces").glob("part-*.parquet"))
+    if not files:
+        return TRACE_SCHEMA.empty_table().select(columns) if columns else TRACE_SCHEMA.empty_table()
+    return pa.concat_tables(pq.read_table(f, columns=columns, schema=TRACE_SCHEMA) for f in files)
+
+
+def done_trace_ids(run_dir: Path) -> set[str]:
+    """trace_ids that finished without error: a rerun skips these and retries everything else."""
+    table = read_traces(run_dir, ["trace_id", "error"])
+    ok = table.filter(pc.is_null(table["error"]))
+    return set(ok["trace_id"].to_pylist())
