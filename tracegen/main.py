@@ -89,7 +89,9 @@ async def generate(cfg: TracegenConfig, base_urls: list[str], prompts: dict) -> 
         todo = sum(len(w.indexes) for w in work)
         log.info("%d samples to generate in %d requests (%d already done)", todo, len(work),
                  len(prompts) * cfg.n - todo)
-        return await generate_all(cfg, HttpEngine(cfg, clients), work, writer)
+        tally = await generate_all(cfg, HttpEngine(cfg, clients), work, writer)
+        tally.expected, tally.done = len(prompts) * cfg.n, len(prompts) * cfg.n - todo + tally.samples - tally.errors
+        return tally
     finally:
         writer.close()
         for client in clients:
@@ -150,7 +152,7 @@ def plan(cfg: TracegenConfig, prompts: dict, endpoint: str, done: set[str]) -> l
     work = []
     for problem_id, messages in prompts.items():
         key = request_key(messages, cfg.model, endpoint, sampling)
-        missing = [i for i in range(cfg.n) if trace_id(key, i) not in done]
+        missing = [i for i in range(cfg.n) if trace_id(key, problem_id, i) not in done]
         for start in range(0, len(missing), per_request):
             work.append(WorkItem(problem_id, messages, key, missing[start:start + per_request]))
     return work
@@ -175,9 +177,12 @@ async def generate_all(cfg: TracegenConfig, engine: HttpEngine, work: list[WorkI
             meter.update(tally)
 
     with Meter(sum(len(w.indexes) for w in work), cfg.log_every_s) as meter:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(cfg.concurrency, len(work))):
-                group.create_task(worker(meter))
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(cfg.concurrency, len(work))):
+                    group.create_task(worker(meter))
+        except* FatalEndpointError as group_error:
+            raise group_error.exceptions[0] from None
     return tally
 
 
@@ -185,7 +190,7 @@ def to_rows(item: WorkItem, response, sampling: str, with_logprobs: bool) -> tup
     traces, logprobs, now = [], [], datetime.now(UTC)
     messages = json.dumps(item.messages, ensure_ascii=False)
     for index, s in zip(item.indexes, response.samples, strict=True):
-        tid = trace_id(item.key, index)
+        tid = trace_id(item.key, item.problem_id, index)
         traces.append({
             "trace_id": tid, "request_key": item.key, "problem_id": item.problem_id, "sample_index": index,
             "model": response.model, "messages": messages, "reasoning": s.reasoning, "content": s.content,
@@ -204,6 +209,7 @@ def write_summary(cfg: TracegenConfig, tally: Tally, problems: int) -> dict:
     wall = max(tally.wall_s, 1e-9)
     summary = {
         "model": cfg.model, "shard": cfg.shard, "problems": problems, "n": cfg.n,
+        "samples_expected": tally.expected, "samples_done": tally.done,
         "this_run": {
             "requests": tally.requests, "samples": tally.samples, "errors": tally.errors,
             "finish_reasons": dict(tally.finish_reasons), "prompt_tokens": tally.prompt_tokens,

@@ -22,6 +22,8 @@ class Tally:
     finish_reasons: Counter = field(default_factory=Counter)
     failed: list = field(default_factory=list)  # (problem_id, error) of the first failures
     started: float = field(default_factory=time.monotonic)
+    expected: int = 0  # samples this shard should have in the end, and how many it has now
+    done: int = 0
 
     def add(self, problem_id: str, response) -> None:
         self.requests += 1

@@ -51,8 +51,10 @@ def request_key(messages: list[dict], model: str, endpoint: str, sampling: dict)
     return _digest({"messages": messages, "model": model, "endpoint": endpoint, "sampling": sampling})
 
 
-def trace_id(key: str, sample_index: int) -> str:
-    return _digest([key, sample_index])
+def trace_id(key: str, problem_id: str, sample_index: int) -> str:
+    """Unique per sample: two problems with the same text (duplicates exist in real datasets) share a
+    request key but never a trace id."""
+    return _digest([key, problem_id, sample_index])
 
 
 _THINK = re.compile(r"<think>(.*?)(?:</think>|$)", re.DOTALL)

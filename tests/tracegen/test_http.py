@@ -214,3 +214,27 @@ def test_config_errors_name_the_setting(tmp_path, caplog):
         assert main(["--config", str(tmp_path / "c.yaml"), *flags]) == 2, flags
         assert message in caplog.text, flags
     assert not (tmp_path / "o").exists()
+
+
+def test_a_key_revoked_mid_run_stops_the_job_with_the_setting_named(tmp_path):
+    import asyncio
+
+    from tracegen.config import parse_config
+    from tracegen.http_engine import FatalEndpointError, HttpEngine
+    from tracegen.main import WorkItem, generate_all, make_clients
+    from tracegen.store import ShardWriter
+
+    with FakeOpenAIServer(api_key="new-key") as s:
+        cfg = parse_config(["--problems", "x.jsonl", "--output_dir", str(tmp_path), "--base_url", s.base_url,
+                            "--model", "fake-teacher", *FAST_RETRY])
+        work = [WorkItem(f"p{i}", [{"role": "user", "content": f"q{i}"}], "k", [0]) for i in range(10)]
+        writer = ShardWriter(tmp_path, (0, 1), 100, logprobs=False)
+
+        async def go():
+            clients = make_clients(cfg, [s.base_url])  # the old key ("EMPTY")
+            return await generate_all(cfg, HttpEngine(cfg, clients), work, writer)
+
+        with pytest.raises(FatalEndpointError, match="HTTP 401.*api_key_env"):
+            asyncio.run(go())
+        writer.close()
+        assert len(s.chat_requests()) <= cfg.concurrency  # stopped at once, not after every request failed

@@ -26,4 +26,5 @@ def test_keys_depend_on_everything_that_decides_the_output():
     assert key != request_key(**{**base, "endpoint": "api.deepseek.com"})
     assert key != request_key(**{**base, "sampling": {"temperature": 0.7, "top_p": 0.95}})
     assert key != request_key(**{**base, "messages": [{"role": "user", "content": "q "}]})
-    assert len({trace_id(key, i) for i in range(100)}) == 100
+    ids = {trace_id(key, p, i) for p in ("a", "b") for i in range(100)}
+    assert len(ids) == 200 and trace_id(key, "a", 0) == trace_id(key, "a", 0)
