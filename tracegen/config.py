@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,8 +50,9 @@ class TracegenConfig:
     serve_model: str | None = _help(
         "Instead of base_url: a model path that tracegen serves itself with vLLM on a free loopback port.",
         default=None)
-    serve_args: list[str] | None = _help(
-        'Extra arguments for the managed vLLM server, e.g. ["--max-model-len", "4096"].', default=None)
+    serve_args: str | None = _help(
+        'Extra arguments for the managed vLLM server: a YAML list or one string, e.g. '
+        '"--max-model-len 4096 --reasoning-parser deepseek_r1".', default=None)
     serve_timeout_s: float = _help("Seconds to wait for the managed server to become healthy.", default=900.0)
     model: str | None = _help(
         "Model name sent to the server. Default: the only model the server lists.", default=None)
@@ -92,6 +94,8 @@ class TracegenConfig:
     def __post_init__(self):
         for name in ("column_map", "problem_defaults", "chat_template_kwargs", "extra_body"):
             setattr(self, name, _json_dict(name, getattr(self, name)))
+        if isinstance(self.serve_args, str):
+            self.serve_args = shlex.split(self.serve_args)
         if isinstance(self.base_url, str):
             self.base_url = [self.base_url]
         if not self.problems:
