@@ -1,0 +1,145 @@
+"""Build the toy world into one directory, idempotently.
+
+    out/problems/train.jsonl, problems/test.jsonl   Problem records (data/README.md)
+    out/tokenizer/                                  AutoTokenizer directory with the chat template
+    out/teacher-init/, out/student-init/            random Qwen2 models + tokenizer + generation_config.json
+    out/manifest.json                               seed, sizes, sha256 of the problem files, parameter counts
+
+Each artifact is written under a temporary name and renamed, so an existing one is complete; a rerun skips
+what exists and matches, and refuses (naming the file) what exists and does not.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from data.toyworld.models import SIZES, build_model, count_parameters, save_model
+from data.toyworld.problems import GENERATOR_VERSION, generate_problems, to_jsonl
+from data.toyworld.tokenizer import corpus, save_tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """Where `build` put everything."""
+
+    root: Path
+    train: Path
+    test: Path
+    tokenizer: Path
+    teacher: Path
+    student: Path
+    manifest: Path
+
+    @classmethod
+    def at(cls, root: Path) -> "ToyWorld":
+        root = Path(root)
+        return cls(
+            root=root,
+            train=root / "problems" / "train.jsonl",
+            test=root / "problems" / "test.jsonl",
+            tokenizer=root / "tokenizer",
+            teacher=root / "teacher-init",
+            student=root / "student-init",
+            manifest=root / "manifest.json",
+        )
+
+
+def build(out_dir: Path, seed: int = 0, n_train: int = 10000, n_test: int = 500) -> ToyWorld:
+    """Build (or check and reuse) the toy world in out_dir; returns its paths."""
+    paths = ToyWorld.at(out_dir)
+    recipe = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
+    _check_manifest(paths.manifest, recipe)
+
+    # ---- problems: cheap to regenerate, so an existing file is compared byte for byte
+    splits = generate_problems(seed, n_train, n_test)
+    hashes = {}
+    for split, path in (("train", paths.train), ("test", paths.test)):
+        content = to_jsonl(splits[split])
+        hashes[path.relative_to(paths.root).as_posix()] = _sha256(content)
+        _write_or_check(path, content, recipe)
+
+    # ---- tokenizer, then the models whose vocabulary it decides
+    if not paths.tokenizer.exists():
+        tokenizer = train_tokenizer(corpus(splits["train"]))
+        _publish_dir(paths.tokenizer, lambda tmp: save_tokenizer(tokenizer, tmp))
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    models = {name: _build_model_dir(path, tokenizer, name, seed) for name, path in _model_dirs(paths)}
+
+    # ---- manifest last: its presence means every artifact above is complete
+    manifest = {**recipe, "sha256": hashes, "vocab_size": len(tokenizer), "models": models}
+    _publish_file(paths.manifest, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return paths
+
+
+def _model_dirs(paths: ToyWorld) -> list[tuple[str, Path]]:
+    return [("teacher", paths.teacher), ("student", paths.student)]
+
+
+def _build_model_dir(path: Path, tokenizer: PreTrainedTokenizerBase, size: str, seed: int) -> dict:
+    """Save the model unless it exists; building it in memory is cheap, and counts its parameters."""
+    model = build_model(tokenizer, size, seed)
+    if path.exists():
+        vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
+        if vocab_size != len(tokenizer):
+            raise ValueError(
+                f"{path} has vocab_size {vocab_size} but {path.parent / 'tokenizer'} has {len(tokenizer)} "
+                f"tokens: it was built from another tokenizer; delete {path.parent} and build again"
+            )
+    else:
+        log.info("building %s (%d parameters)", path, count_parameters(model))
+        _publish_dir(path, lambda tmp: save_model(model, tokenizer, tmp))
+    return {"params": count_parameters(model), **SIZES[size]}
+
+
+def _check_manifest(path: Path, recipe: dict) -> None:
+    if not path.exists():
+        return
+    built = json.loads(path.read_text())
+    changed = {k: (built.get(k), v) for k, v in recipe.items() if built.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k}={old} (asked {new})" for k, (old, new) in changed.items())
+        raise ValueError(f"{path.parent} was built with {what}; pass another --out or delete it")
+
+
+def _write_or_check(path: Path, content: bytes, recipe: dict) -> None:
+    if not path.exists():
+        _publish_file(path, content)
+    elif _sha256(path.read_bytes()) != _sha256(content):
+        raise ValueError(f"{path} differs from what {recipe} generates; pass another --out or delete it")
+
+
+def _sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _publish_file(path: Path, content: bytes) -> None:
+    """Write to a temporary name beside path, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+def _publish_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary directory beside path, then rename it into place (a concurrent builder may win)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        os.rename(tmp, path)
+    except OSError:
+        if not path.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,305 @@
+"""The toy world: problems are deterministic and correct, the tokenizer round-trips, the chat template renders
+and masks exactly as documented, and the initial models load like hub models.
+
+    .venv/bin/python -m pytest -q tests/test_toyworld.py
+"""
+
+import ast
+import json
+import operator
+import re
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.toyworld import build, generate_problems, gold_conversation, gold_message, read_jsonl
+from data.toyworld.problems import to_jsonl
+
+N_TRAIN, N_TEST = 300, 50
+PLACES = ["ones", "tens", "hundreds", "thousands"]
+
+PROBLEM = "Ada has 47 apples. Ada buys 38 more apples. How many apples does Ada have now?"
+REASONING = "47+38\nones: 7+8=15, write 5 carry 1\ntens: 4+3+1=8\n47+38=85"
+CONTENT = "The answer is \\boxed{85}."
+ASSISTANT_PART = f"<think>\n{REASONING}\n</think>\n\n{CONTENT}<|im_end|>"
+PROMPT_PART = f"<|im_start|>user\n{PROBLEM}<|im_end|>\n<|im_start|>assistant\n"
+RENDERED = PROMPT_PART + ASSISTANT_PART + "\n"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("toyworld"), seed=0, n_train=N_TRAIN, n_test=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return AutoTokenizer.from_pretrained(world.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def problems(world):
+    return read_jsonl(world.train) + read_jsonl(world.test)
+
+
+# ---------------------------------------------------------------- an independent checker for the gold working
+
+ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+
+def evaluate(expression: str) -> int:
+    """Integer +, -, * and parentheses, evaluated by Python's parser (not the generator's code)."""
+
+    def walk(node):
+        if isinstance(node, ast.BinOp) and type(node.op) in ARITHMETIC:
+            return ARITHMETIC[type(node.op)](walk(node.left), walk(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        raise ValueError(f"unexpected {ast.dump(node)} in {expression!r}")
+
+    return walk(ast.parse(expression, mode="eval").body)
+
+
+def check_block(lines: list[str]) -> int:
+    """One step: "a op b", a line per column, "a op b=r". Checks every claim; returns r."""
+    head = re.fullmatch(r"(\d+)([+\-*])(\d+)", lines[0])
+    assert head, f"not a step head: {lines[0]!r}"
+    a, b = head[1], head[3]
+    result = evaluate(lines[0])
+    assert lines[-1] == f"{lines[0]}={result}"
+    written = []
+    for i, line in enumerate(lines[1:-1]):
+        place, _, work = line.partition(": ")
+        assert place == PLACES[i], line
+        top_digit = int(a[::-1][i]) if i < len(a) else 0
+        assert int(re.match(r"\d+", work)[0]) == top_digit, f"column {i} of {a} is not in {line!r}"
+        for expr, value in re.findall(r"([\d+\-*]+)=(\d+)", work):
+            assert evaluate(expr) == int(value), line
+        if "is below 0" in work:
+            assert evaluate(work.split(" ")[0]) < 0, line
+        write = re.search(r"write (\d) carry (\d)", work)
+        value = int(re.findall(r"=(\d+)", work)[-1])
+        if write:
+            assert (int(write[1]), int(write[2])) == (value % 10, value // 10), line
+        written.append(write[1] if write else str(value))
+    assert len(written) == max(len(a), len(b) if head[2] == "+" else 0), f"wrong number of columns in {lines}"
+    assert int(written[-1] + "".join(reversed(written[:-1]))) == result, f"columns do not spell {result}: {lines}"
+    return result
+
+
+def check_solution(problem: dict) -> None:
+    *working, last = problem["meta"]["solution"].split("\n")
+    assert last == f"The answer is \\boxed{{{problem['answer']}}}."
+    heads = [i for i, line in enumerate(working) if re.fullmatch(r"\d+[+\-*]\d+", line)]
+    blocks = [working[i:j] for i, j in zip(heads, [*heads[1:], len(working)], strict=True)]
+    assert heads[0] == 0 and len(blocks) == {1: 1, 2: 1, 3: 1, 4: 2, 5: 3}[problem["meta"]["difficulty"]]
+    results = [check_block(block) for block in blocks]
+    assert results[-1] == int(problem["answer"])
+
+
+# ---------------------------------------------------------------- problems
+
+
+def test_generator_is_deterministic():
+    first = generate_problems(seed=0, n_train=200, n_test=40)
+    again = generate_problems(seed=0, n_train=200, n_test=40)
+    other = generate_problems(seed=1, n_train=200, n_test=40)
+    for split in ("train", "test"):
+        assert to_jsonl(first[split]) == to_jsonl(again[split])
+        assert to_jsonl(first[split]) != to_jsonl(other[split])
+
+
+def test_problems_are_well_formed_and_splits_disjoint(world, problems):
+    train, test = read_jsonl(world.train), read_jsonl(world.test)
+    assert (len(train), len(test)) == (N_TRAIN, N_TEST)
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    assert len({p["id"] for p in problems}) == len({p["prompt"] for p in problems}) == len(problems)
+    for split, records in (("train", train), ("test", test)):
+        assert [p["meta"]["difficulty"] for p in records[:10]] == [1, 2, 3, 4, 5] * 2
+        for p in records:
+            assert set(p) == {"id", "domain", "prompt", "answer", "tests", "source", "meta"}
+            assert (p["domain"], p["tests"], p["source"], p["meta"]["split"]) == ("math", None, "toyworld", split)
+            assert p["id"].startswith(f"toy-{split}-") and p["answer"].isdigit()
+
+
+def test_answers_match_the_story_and_the_working(problems):
+    for p in problems:
+        expression = p["meta"]["expression"]
+        numbers = lambda text: sorted(int(n) for n in re.findall(r"\d+", text))  # noqa: E731
+        assert numbers(p["prompt"]) == numbers(expression), f"{p['id']}: story and expression disagree"
+        assert evaluate(expression) == int(p["answer"]), p["id"]
+        check_solution(p)
+
+
+def test_gold_message_splits_reasoning_from_answer(problems):
+    p = problems[0]
+    message = gold_message(p)
+    assert message["role"] == "assistant"
+    assert message["content"] == f"The answer is \\boxed{{{p['answer']}}}."
+    assert message["reasoning_content"] + "\n" + message["content"] == p["meta"]["solution"]
+    assert gold_conversation(p) == [{"role": "user", "content": p["prompt"]}, message]
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_the_corpus(tokenizer, problems):
+    texts = [t for p in problems for t in (p["prompt"], p["meta"]["solution"])]
+    texts += [tokenizer.apply_chat_template(gold_conversation(p), tokenize=False) for p in problems[:50]]
+    ids = tokenizer(texts)["input_ids"]
+    assert tokenizer.batch_decode(ids) == texts
+    assert tokenizer.decode(tokenizer.encode("5 + émoji ✓ \t x")) == "5 + émoji ✓ \t x"  # byte-level: any text
+
+
+def test_special_and_think_tokens(tokenizer):
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    for tag in ("<think>", "</think>", "<|im_start|>", "<|im_end|>"):
+        assert len(tokenizer.encode(tag)) == 1 and tag in tokenizer.get_vocab()
+    # vLLM decodes with skip_special_tokens=True; its deepseek_r1 parser must still see the tags.
+    ids = tokenizer.encode("<think>\n1+1=2\n</think>\n\nok<|im_end|>")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think>\n1+1=2\n</think>\n\nok"
+    for token in tokenizer.get_vocab():  # numbers are read one digit at a time
+        assert sum(c.isdigit() for c in token) <= 1, token
+
+
+# ---------------------------------------------------------------- chat template
+
+
+@pytest.mark.parametrize(
+    "assistant",
+    [
+        {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING},
+        {"role": "assistant", "content": CONTENT, "reasoning": REASONING},
+        {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{CONTENT}"},
+        {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{CONTENT}", "reasoning_content": REASONING},
+        {"role": "assistant", "content": f"{REASONING}\n</think>\n\n{CONTENT}"},  # no opening tag
+    ],
+    ids=["reasoning_content", "reasoning", "inline", "both", "inline-without-open-tag"],
+)
+def test_template_renders_reasoning_once(tokenizer, assistant):
+    conversation = [{"role": "user", "content": PROBLEM}, assistant]
+    assert tokenizer.apply_chat_template(conversation, tokenize=False) == RENDERED
+
+
+def test_template_generation_prompt_and_other_turns(tokenizer, world):
+    user = [{"role": "user", "content": PROBLEM}]
+    # What vLLM renders for a chat request.
+    assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == PROMPT_PART
+    system = [{"role": "system", "content": "Be brief."}, *user, {"role": "assistant", "content": "85"}]
+    assert tokenizer.apply_chat_template(system, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n" + PROMPT_PART + "85<|im_end|>\n"
+    )
+    config = json.loads((world.tokenizer / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == tokenizer.chat_template
+
+
+def test_generation_prompt_is_a_token_prefix_of_the_training_example(tokenizer):
+    conversation = [{"role": "user", "content": PROBLEM}, {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING}]
+    prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True)["input_ids"]
+    full = tokenizer.apply_chat_template(conversation)["input_ids"]
+    assert full[: len(prompt)] == prompt
+    assert tokenizer.decode(full[len(prompt) :]) == ASSISTANT_PART + "\n"
+
+
+def test_assistant_mask_covers_exactly_the_assistant_turns(tokenizer):
+    second = "Then 85+1\nones: 5+1=6\ntens: 8+0=8\n85+1=86"
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": PROBLEM},
+        {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING},
+        {"role": "user", "content": "And one more?"},
+        {"role": "assistant", "content": f"<think>\n{second}\n</think>\n\nThe answer is \\boxed{{86}}."},
+    ]
+    out = tokenizer.apply_chat_template(conversation, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    spans, current = [], []
+    for token, masked in zip(ids, mask, strict=True):
+        if masked:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    assert spans == [ASSISTANT_PART, f"<think>\n{second}\n</think>\n\nThe answer is \\boxed{{86}}.<|im_end|>"]
+
+
+# ---------------------------------------------------------------- models and the build
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_models_load_like_hub_models(world, tokenizer, name):
+    path = getattr(world, name)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    config = model.config
+    assert config.model_type == "qwen2" and config.tie_word_embeddings
+    assert config.head_dim >= 32 and config.max_position_embeddings >= 1024
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert AutoTokenizer.from_pretrained(path).chat_template == tokenizer.chat_template
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROBLEM}], add_generation_prompt=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+    manifest = json.loads(world.manifest.read_text())
+    assert manifest["models"][name]["params"] == model.num_parameters()
+
+
+def test_teacher_is_larger_than_student(world):
+    models = json.loads(world.manifest.read_text())["models"]
+    assert models["teacher"]["params"] > 2 * models["student"]["params"]
+
+
+def test_build_is_deterministic_and_idempotent(world, tmp_path):
+    again = build(tmp_path / "again", seed=0, n_train=N_TRAIN, n_test=N_TEST)
+    for attr in ("train", "test", "manifest"):
+        assert getattr(again, attr).read_bytes() == getattr(world, attr).read_bytes(), attr
+    for file in ("tokenizer/tokenizer.json", "teacher-init/model.safetensors", "student-init/model.safetensors"):
+        assert (again.root / file).read_bytes() == (world.root / file).read_bytes(), file
+
+    stamps = {p: p.stat().st_mtime_ns for p in again.root.rglob("*")}
+    build(again.root, seed=0, n_train=N_TRAIN, n_test=N_TEST)  # a rerun rewrites nothing but the manifest
+    assert {p: p.stat().st_mtime_ns for p in again.root.rglob("*") if p != again.manifest} == {
+        p: t for p, t in stamps.items() if p != again.manifest
+    }
+    with pytest.raises(ValueError, match="seed=0 \\(asked 1\\)"):
+        build(again.root, seed=1, n_train=N_TRAIN, n_test=N_TEST)
+
+
+def test_missing_artifact_is_rebuilt(tmp_path):
+    paths = build(tmp_path / "w", seed=0, n_train=20, n_test=10)
+    before = paths.student.joinpath("model.safetensors").read_bytes()
+    for f in paths.student.iterdir():
+        f.unlink()
+    paths.student.rmdir()
+    build(tmp_path / "w", seed=0, n_train=20, n_test=10)
+    assert paths.student.joinpath("model.safetensors").read_bytes() == before
+
+
+# ---------------------------------------------------------------- TRL accepts the tokenizer and template
+
+
+def test_sft_trainer_assistant_only_loss_smoke(world, tokenizer, problems, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(world.student)
+    before = model.model.embed_tokens.weight.detach().clone()
+    dataset = Dataset.from_list([{"messages": gold_conversation(p)} for p in problems[:4]])
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        assistant_only_loss=True,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    example = trainer.train_dataset[0]
+    trained = tokenizer.decode([t for t in example["labels"] if t != -100])  # TRL folds the mask into labels
+    assert trained == tokenizer.apply_chat_template(gold_conversation(problems[0]), tokenize=False).split(
+        "<|im_start|>assistant\n"
+    )[1].removesuffix("\n")
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.model.embed_tokens.weight.detach())
