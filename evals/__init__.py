@@ -1,0 +1,1 @@
+"""evals: score a model on math and code benchmarks; owns the graders that `filter` reuses."""
