@@ -83,7 +83,9 @@ def check_block(lines: list[str]) -> int:
             assert (int(write[1]), int(write[2])) == (value % 10, value // 10), line
         written.append(write[1] if write else str(value))
     assert len(written) == max(len(a), len(b) if head[2] == "+" else 0), f"wrong number of columns in {lines}"
-    assert int(written[-1] + "".join(reversed(written[:-1]))) == result, f"columns do not spell {result}: {lines}"
+    assert int(written[-1] + "".join(reversed(written[:-1]))) == result, (
+        f"columns do not spell {result}: {lines}"
+    )
     return result
 
 
@@ -118,7 +120,12 @@ def test_problems_are_well_formed_and_splits_disjoint(world, problems):
         assert [p["meta"]["difficulty"] for p in records[:10]] == [1, 2, 3, 4, 5] * 2
         for p in records:
             assert set(p) == {"id", "domain", "prompt", "answer", "tests", "source", "meta"}
-            assert (p["domain"], p["tests"], p["source"], p["meta"]["split"]) == ("math", None, "toyworld", split)
+            assert (p["domain"], p["tests"], p["source"], p["meta"]["split"]) == (
+                "math",
+                None,
+                "toyworld",
+                split,
+            )
             assert p["id"].startswith(f"toy-{split}-") and p["answer"].isdigit()
 
 
@@ -148,7 +155,9 @@ def test_tokenizer_round_trips_the_corpus(tokenizer, problems):
     texts += [tokenizer.apply_chat_template(gold_conversation(p), tokenize=False) for p in problems[:50]]
     ids = tokenizer(texts)["input_ids"]
     assert tokenizer.batch_decode(ids) == texts
-    assert tokenizer.decode(tokenizer.encode("5 + émoji ✓ \t x")) == "5 + émoji ✓ \t x"  # byte-level: any text
+    assert (
+        tokenizer.decode(tokenizer.encode("5 + émoji ✓ \t x")) == "5 + émoji ✓ \t x"
+    )  # byte-level: any text
 
 
 def test_special_and_think_tokens(tokenizer):
@@ -171,7 +180,11 @@ def test_special_and_think_tokens(tokenizer):
         {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING},
         {"role": "assistant", "content": CONTENT, "reasoning": REASONING},
         {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{CONTENT}"},
-        {"role": "assistant", "content": f"<think>\n{REASONING}\n</think>\n\n{CONTENT}", "reasoning_content": REASONING},
+        {
+            "role": "assistant",
+            "content": f"<think>\n{REASONING}\n</think>\n\n{CONTENT}",
+            "reasoning_content": REASONING,
+        },
         {"role": "assistant", "content": f"{REASONING}\n</think>\n\n{CONTENT}"},  # no opening tag
     ],
     ids=["reasoning_content", "reasoning", "inline", "both", "inline-without-open-tag"],
@@ -194,7 +207,10 @@ def test_template_generation_prompt_and_other_turns(tokenizer, world):
 
 
 def test_generation_prompt_is_a_token_prefix_of_the_training_example(tokenizer):
-    conversation = [{"role": "user", "content": PROBLEM}, {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING}]
+    conversation = [
+        {"role": "user", "content": PROBLEM},
+        {"role": "assistant", "content": CONTENT, "reasoning_content": REASONING},
+    ]
     prompt = tokenizer.apply_chat_template(conversation[:1], add_generation_prompt=True)["input_ids"]
     full = tokenizer.apply_chat_template(conversation)["input_ids"]
     assert full[: len(prompt)] == prompt
@@ -235,7 +251,9 @@ def test_models_load_like_hub_models(world, tokenizer, name):
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     assert AutoTokenizer.from_pretrained(path).chat_template == tokenizer.chat_template
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROBLEM}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROBLEM}], add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = model(**ids).logits
     assert logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
@@ -252,7 +270,11 @@ def test_build_is_deterministic_and_idempotent(world, tmp_path):
     again = build(tmp_path / "again", seed=0, n_train=N_TRAIN, n_test=N_TEST)
     for attr in ("train", "test", "manifest"):
         assert getattr(again, attr).read_bytes() == getattr(world, attr).read_bytes(), attr
-    for file in ("tokenizer/tokenizer.json", "teacher-init/model.safetensors", "student-init/model.safetensors"):
+    for file in (
+        "tokenizer/tokenizer.json",
+        "teacher-init/model.safetensors",
+        "student-init/model.safetensors",
+    ):
         assert (again.root / file).read_bytes() == (world.root / file).read_bytes(), file
 
     stamps = {p: p.stat().st_mtime_ns for p in again.root.rglob("*")}

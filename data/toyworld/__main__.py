@@ -1,6 +1,6 @@
 """Command line for the toy world.
 
-    python -m data.toyworld build --out cache/toyworld [--seed 0] [--n-train 10000] [--n-test 500]
+python -m data.toyworld build --out cache/toyworld [--seed 0] [--n-train 10000] [--n-test 500]
 """
 
 import argparse
@@ -14,7 +14,9 @@ from data.toyworld.build import build
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data.toyworld", allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    cmd = commands.add_parser("build", help="build problems, tokenizer and initial models", allow_abbrev=False)
+    cmd = commands.add_parser(
+        "build", help="build problems, tokenizer and initial models", allow_abbrev=False
+    )
     cmd.add_argument("--out", type=Path, required=True, help="directory to build into, e.g. cache/toyworld")
     cmd.add_argument("--seed", type=int, default=0, help="seed for problems and model weights")
     cmd.add_argument("--n-train", type=int, default=10000, help="number of training problems")
