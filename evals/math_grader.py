@@ -7,10 +7,12 @@ answer using math-verify, in worker processes that are killed and replaced on a 
     verdicts[0].correct, verdicts[0].extracted, verdicts[0].method, verdicts[0].reason
 
 Extraction (`extract_answer`) reads only the text after `</think>` (a completion whose `<think>` never
-closes has no answer) and takes, in order: the last `\\boxed{...}` / `\\fbox{...}` (balanced braces),
-the last "the answer is X" / "Answer: X", the last GSM8K-style "#### X", the last number.
+closes has no answer) and takes, in order: the last `\\boxed{...}` / `\\fbox{...}` (balanced braces);
+else whichever of "the answer is X" / "Answer: X" / GSM8K's "#### X" comes last (method "answer_is" or
+"hash"); else the last number ("last_number").
 
-Comparison is math-verify's `verify(parse(gold), parse(answer))`, gold first (it is not symmetric),
+Workers are processes (forkserver), so call the grader from under `if __name__ == "__main__":` in a
+script. Comparison is math-verify's `verify(parse(gold), parse(answer))`, gold first (it is not symmetric),
 both wrapped as `$...$` with thousands separators removed from plain numbers ("1,234" -> "1234").
 Two shortcuts skip math-verify and can never disagree with it on a "correct": identical strings,
 and equal plain numbers; two plain integers that differ are a mismatch (math-verify compares
@@ -21,6 +23,7 @@ timeouts use SIGALRM and can still hang in C code, so they are off and the paren
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -55,8 +58,9 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|the\s+answer)\s*(?:is|:)\s*:?[ \t]*([^\n]+)", re.IGNORECASE)
 _ANSWER_COLON = re.compile(r"^[ \t*#]*answer[ \t*]*:[ \t*]*([^\n]+)", re.IGNORECASE | re.MULTILINE)
 _HASH = re.compile(r"####[ \t]*([^\n]+)")
+_SAID = ((_ANSWER_IS, "answer_is"), (_ANSWER_COLON, "answer_is"), (_HASH, "hash"))
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_NUMBER_WITH_WORDS = re.compile(r"^(-?\\?\$?\s*\d[\d,]*(?:\.\d+)?)\s+[A-Za-z]{2,}[A-Za-z .]*$")
+_NUMBER_WITH_WORDS = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s+[A-Za-z]{2,}[A-Za-z .]*$")
 _PLAIN_NUMBER = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?$|^[+-]?\.\d+$")
 
 
@@ -69,14 +73,12 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     boxed = _last_boxed(text)
     if boxed is not None and boxed.strip():
         return boxed.strip(), "boxed"
-    said = [m for rx in (_ANSWER_IS, _ANSWER_COLON) for m in rx.finditer(text)]
-    if said:
-        answer = _clean(max(said, key=lambda m: m.start()).group(1))
+    # Of "the answer is X" / "Answer: X" / "#### X", the last one in the text is the final answer.
+    said = [(m.start(), method, m) for rx, method in _SAID for m in rx.finditer(text)]
+    for _, method, m in sorted(said, key=lambda s: s[0], reverse=True):
+        answer = _clean(m.group(1))
         if answer:
-            return answer, "answer_is"
-    hashes = _HASH.findall(text)
-    if hashes and _clean(hashes[-1]):
-        return _clean(hashes[-1]), "hash"
+            return answer, method
     numbers = _NUMBER.findall(text)
     if numbers:
         return numbers[-1].rstrip(","), "last_number"
@@ -99,6 +101,7 @@ def _clean(answer: str) -> str:
     for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if answer.startswith(left) and answer.endswith(right) and len(answer) > len(left) + len(right):
             answer = answer[len(left) : -len(right)].strip()
+    answer = re.sub(r"^\\?\$\s*(?=[\d.])", "", answer)  # currency: "$18" -> "18"
     words = _NUMBER_WITH_WORDS.match(answer)  # "18 dollars" -> "18"
     return words.group(1) if words else answer
 
@@ -114,7 +117,7 @@ def _normalise(answer: str) -> str:
 
 
 def _shortcut(gold: str, pred: str) -> str | None:
-    """"ok" / "mismatch" when math-verify's answer is certain without asking it, else None."""
+    """ "ok" / "mismatch" when math-verify's answer is certain without asking it, else None."""
     if gold == pred:
         return "ok"
     if _PLAIN_NUMBER.match(gold) and _PLAIN_NUMBER.match(pred):
@@ -131,14 +134,21 @@ def _wrap(answer: str) -> str:
 
 def _verify(gold: str, pred: str) -> str:
     """math-verify's verdict, run in a worker: "ok" | "mismatch" | "error: ..."."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    from math_verify import verify
 
-    config = [LatexExtractionConfig(), ExprExtractionConfig()]
-    gold_parsed = parse(_wrap(gold), extraction_config=config, parsing_timeout=None)
+    gold_parsed = _parse(gold)
     if not gold_parsed:
         return f"error: math-verify found no expression in the gold answer {gold[:80]!r}"
-    pred_parsed = parse(_wrap(pred), extraction_config=config, parsing_timeout=None)
-    return "ok" if verify(gold_parsed, pred_parsed, timeout_seconds=None) else "mismatch"
+    return "ok" if verify(list(gold_parsed), list(_parse(pred)), timeout_seconds=None) else "mismatch"
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse(answer: str) -> tuple:
+    # Golds repeat across samples and answers across golds; sympy objects are immutable.
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    return tuple(parse(_wrap(answer), extraction_config=config, parsing_timeout=None))
 
 
 def _worker_main(conn: Connection, memory_bytes: int) -> None:
@@ -225,7 +235,9 @@ class MathGrader:
         return self._grade([g for g, _ in pairs], answers, ["given"] * len(pairs))
 
     def _grade(self, golds: list[str], answers: list[str | None], methods: list[str]) -> list[MathVerdict]:
-        keys = [None if a is None else (_normalise(g), _normalise(a)) for g, a in zip(golds, answers, strict=True)]
+        keys = [
+            None if a is None else (_normalise(g), _normalise(a)) for g, a in zip(golds, answers, strict=True)
+        ]
         todo = []
         for key in dict.fromkeys(k for k in keys if k is not None and k not in self._cache):
             quick = _shortcut(*key)
@@ -234,6 +246,7 @@ class MathGrader:
             else:
                 todo.append(key)
         if todo:
+            todo.sort()  # same gold, same chunk: the worker's parse cache gets the hits
             self._cache.update(zip(todo, self._run(todo), strict=True))
         verdicts = []
         for key, answer, method in zip(keys, answers, methods, strict=True):
@@ -268,6 +281,8 @@ class MathGrader:
             msg = w.conn.recv()
         except (EOFError, OSError):
             w.proc.join(1)
+            if not w.ready:  # it could not even import math-verify: retrying would loop forever
+                raise RuntimeError(f"math worker died while starting (exit code {w.proc.exitcode})") from None
             self._replace(w, results, queue, f"error: math worker died (exit code {w.proc.exitcode})")
             return
         if msg == "ready":

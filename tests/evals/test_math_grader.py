@@ -41,6 +41,8 @@ def _benchmark(rel: str) -> list[dict]:
         ("**Answer:** 7", ("7", "answer_is")),
         ("Answer: (C)\n", ("(C)", "answer_is")),
         ("16 - 3 = 13\n#### 1,234", ("1,234", "hash")),
+        ("so the answer is 5 per box\n#### 20", ("20", "hash")),  # the later marker wins
+        ("#### 20\nOn reflection, the answer is $18.", ("18", "answer_is")),
         ("first 3, then 4.5 and finally -12.", ("-12", "last_number")),
         ("no numbers here", (None, "none")),
         ("", (None, "none")),
@@ -89,7 +91,9 @@ def test_equivalent_forms_are_correct(grader, gold, answer):
     assert v.reason == "ok" and v.method == "given" and v.extracted == answer
 
 
-@pytest.mark.parametrize("gold, answer", [("1,234", "1.234"), ("3", "30"), ("\\text{(B)}", "(C)"), ("0.5", "\\frac13")])
+@pytest.mark.parametrize(
+    "gold, answer", [("1,234", "1.234"), ("3", "30"), ("\\text{(B)}", "(C)"), ("0.5", "\\frac13")]
+)
 def test_different_answers_are_mismatches(grader, gold, answer):
     [v] = grader.grade_answers([(gold, answer)])
     assert not v.correct and v.reason == "mismatch", v
@@ -145,7 +149,9 @@ def test_hanging_check_times_out_and_grader_keeps_working():
 def test_killed_worker_becomes_error_and_grader_keeps_working():
     with MathGrader(workers=1, timeout_s=60.0) as g:
         result = {}
-        job = threading.Thread(target=lambda: result.update(v=g.grade_answers([("1", HANGS), ("2", "\\sqrt{4}")])))
+        job = threading.Thread(
+            target=lambda: result.update(v=g.grade_answers([("1", HANGS), ("2", "\\sqrt{4}")]))
+        )
         job.start()
         deadline = time.monotonic() + 60
         while not (g._workers and g._workers[0].ready and g._workers[0].inflight):
