@@ -45,7 +45,9 @@ class TracegenConfig:
     chat_template_kwargs: dict | str | None = _help(
         "Passed to the server's chat template, e.g. {enable_thinking: true}.", default=None)
     # --- teacher --------------------------------------------------------------------------------------
-    engine: str = _help("http: any OpenAI-compatible /v1/chat/completions server.", default="http")
+    engine: str = _help(
+        "http: any OpenAI-compatible /v1/chat/completions server (base_url or serve_model); vllm: vLLM's offline "
+        "LLM in this process; hf: transformers generate in this process (CPUs, LoRA adapters).", default="http")
     base_url: list[str] | None = _help("One base URL or a list (balanced), e.g. http://host:8000/v1.", default=None)
     serve_model: str | None = _help(
         "Instead of base_url: a model path that tracegen serves itself with vLLM on a free loopback port.",
@@ -55,7 +57,14 @@ class TracegenConfig:
         '"--max-model-len 4096 --reasoning-parser deepseek_r1".', default=None)
     serve_timeout_s: float = _help("Seconds to wait for the managed server to become healthy.", default=900.0)
     model: str | None = _help(
-        "Model name sent to the server. Default: the only model the server lists.", default=None)
+        "http: the model name sent to the server (default: the only model it lists). vllm/hf: the model "
+        "directory or hub name to load.", default=None)
+    adapter: str | None = _help("vllm/hf: a LoRA adapter directory applied to `model`.", default=None)
+    engine_kwargs: dict | str | None = _help(
+        "vllm: arguments of vllm.LLM (e.g. {max_model_len: 4096, gpu_memory_utilization: 0.9}); hf: of "
+        "from_pretrained (e.g. {dtype: bfloat16}).", default=None)
+    batch_size: int = _help("vllm/hf: prompts per in-process batch (a shard part is written after each).",
+                            default=64)
     api_key_env: str | None = _help(
         "Name of the environment variable holding the API key (the key itself is never stored).", default=None)
     endpoint_id: str | None = _help(
@@ -92,7 +101,7 @@ class TracegenConfig:
     log_every_s: float = _help("Status line interval when stderr is not a terminal.", default=60.0)
 
     def __post_init__(self):
-        for name in ("column_map", "problem_defaults", "chat_template_kwargs", "extra_body"):
+        for name in ("column_map", "problem_defaults", "chat_template_kwargs", "extra_body", "engine_kwargs"):
             setattr(self, name, _json_dict(name, getattr(self, name)))
         if isinstance(self.serve_args, str):
             self.serve_args = shlex.split(self.serve_args)
@@ -102,13 +111,18 @@ class TracegenConfig:
             raise ConfigError("problems: required (a JSONL/Parquet file or a dataset name)")
         if not self.output_dir:
             raise ConfigError("output_dir: required (e.g. runs/<name>)")
-        if self.engine != "http":
-            raise ConfigError(f"engine: {self.engine!r} is not one of: http")
-        if bool(self.base_url) == bool(self.serve_model):
+        if self.engine not in ("http", "vllm", "hf"):
+            raise ConfigError(f"engine: {self.engine!r} is not one of: http, vllm, hf")
+        if self.engine == "http" and bool(self.base_url) == bool(self.serve_model):
             raise ConfigError("base_url / serve_model: set exactly one (a server to use, or a model to serve)")
+        if self.engine != "http" and (self.base_url or self.serve_model or not self.model):
+            raise ConfigError(f"engine: {self.engine} loads `model` in this process: set model, not base_url or "
+                              "serve_model")
+        if self.adapter and self.engine == "http":
+            raise ConfigError("adapter: only for engine vllm or hf (serve a merged model or use vLLM's --lora-modules)")
         if not re.fullmatch(r"\d+/\d+", self.shard) or not int(self.shard.split("/")[0]) < int(self.shard.split("/")[1]):
             raise ConfigError(f"shard: {self.shard!r} is not i/N with 0 <= i < N")
-        _positive(self, "n", "concurrency", "max_tokens", "shard_rows")
+        _positive(self, "n", "concurrency", "max_tokens", "shard_rows", "batch_size")
         if self.samples_per_request is not None:
             _positive(self, "samples_per_request")
         if not 0 <= self.top_logprobs <= 20:

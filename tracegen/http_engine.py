@@ -12,12 +12,11 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
 
 import httpx
 import openai
 
-from tracegen.records import split_reasoning
+from tracegen.records import Response, Sample, split_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -32,32 +31,6 @@ class FatalEndpointError(RuntimeError):
 
 class MalformedResponse(Exception):
     pass
-
-
-@dataclass
-class Sample:
-    """One choice of a response, or a failed request's placeholder (error set)."""
-    reasoning: str | None = None
-    content: str | None = None
-    reasoning_source: str = "none"
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    token_ids: list[int] | None = None
-    logprobs: list[float] | None = None
-    top_ids: list[list[int]] | None = None
-    top_logprobs: list[list[float]] | None = None
-
-
-@dataclass
-class Response:
-    samples: list[Sample]
-    model: str | None = None
-    prompt_tokens: int | None = None
-    latency_s: float = 0.0
-    attempts: int = 0
-    error: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class HttpEngine:

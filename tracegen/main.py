@@ -47,9 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = {p["id"]: render(p) for p in mine}
         log.info("%d problems (%d in shard %s), n=%d", len(problems), len(mine), cfg.shard, cfg.n)
         # --- generate ----------------------------------------------------------------------------------
-        with teacher(cfg) as base_urls:
-            tally = asyncio.run(generate(cfg, base_urls, prompts))
-    except (ConfigError, ProblemError, ServerError, FatalEndpointError) as e:
+        if cfg.engine == "http":
+            with teacher(cfg) as base_urls:
+                tally = asyncio.run(generate(cfg, base_urls, prompts))
+        else:
+            tally = generate_in_process(cfg, prompts)
+    except (ConfigError, ProblemError, ServerError, FatalEndpointError, ImportError, OSError) as e:
         log.error("%s", e)
         return 2
     # --- report ----------------------------------------------------------------------------------------
@@ -80,22 +83,51 @@ def teacher(cfg: TracegenConfig):
 async def generate(cfg: TracegenConfig, base_urls: list[str], prompts: dict) -> Tally:
     """Check the servers, then write every sample not done yet (one event loop for the clients' life)."""
     clients = make_clients(cfg, base_urls)
-    cfg.model = await resolve_model(cfg, clients)
+    try:
+        cfg.model = await resolve_model(cfg, clients)
+        with open_writer(cfg) as writer:
+            work = plan_and_log(cfg, prompts, endpoint_id(cfg, base_urls), writer)
+            return finish(await generate_all(cfg, HttpEngine(cfg, clients), work, writer), cfg, prompts, work)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def generate_in_process(cfg: TracegenConfig, prompts: dict) -> Tally:
+    """engine vllm/hf: batches of `batch_size` prompts through a model loaded here."""
+    if cfg.engine == "vllm":
+        from tracegen.vllm_engine import VllmEngine as Engine
+    else:
+        from tracegen.hf_engine import HfEngine as Engine
+    engine = Engine(cfg)  # load before writing anything: a bad model path fails with nothing half-written
+    endpoint = cfg.engine + (f"+adapter:{cfg.adapter}" if cfg.adapter else "")
+    with open_writer(cfg) as writer:
+        work = plan_and_log(cfg, prompts, endpoint, writer)
+        return finish(generate_batches(cfg, engine, work, writer), cfg, prompts, work)
+
+
+@contextlib.contextmanager
+def open_writer(cfg: TracegenConfig):
     run_dir, (i, count) = Path(cfg.output_dir), cfg.shard_index
     cfg.save(run_dir / ("tracegen.config.yaml" if count == 1 else f"tracegen.config.{i}of{count}.yaml"))
     writer = ShardWriter(run_dir, cfg.shard_index, cfg.shard_rows, logprobs=cfg.top_logprobs > 0)
     try:
-        work = plan(cfg, prompts, endpoint_id(cfg, base_urls), done_trace_ids(run_dir))
-        todo = sum(len(w.indexes) for w in work)
-        log.info("%d samples to generate in %d requests (%d already done)", todo, len(work),
-                 len(prompts) * cfg.n - todo)
-        tally = await generate_all(cfg, HttpEngine(cfg, clients), work, writer)
-        tally.expected, tally.done = len(prompts) * cfg.n, len(prompts) * cfg.n - todo + tally.samples - tally.errors
-        return tally
+        yield writer
     finally:
         writer.close()
-        for client in clients:
-            await client.close()
+
+
+def plan_and_log(cfg: TracegenConfig, prompts: dict, endpoint: str, writer: ShardWriter) -> list[WorkItem]:
+    work = plan(cfg, prompts, endpoint, done_trace_ids(Path(cfg.output_dir)))
+    todo = sum(len(w.indexes) for w in work)
+    log.info("%d samples to generate in %d requests (%d already done)", todo, len(work), len(prompts) * cfg.n - todo)
+    return work
+
+
+def finish(tally: Tally, cfg: TracegenConfig, prompts: dict, work: list[WorkItem]) -> Tally:
+    tally.expected = len(prompts) * cfg.n
+    tally.done = tally.expected - sum(len(w.indexes) for w in work) + tally.samples - tally.errors
+    return tally
 
 
 def make_clients(cfg: TracegenConfig, base_urls: list[str]) -> list[openai.AsyncOpenAI]:
@@ -183,6 +215,21 @@ async def generate_all(cfg: TracegenConfig, engine: HttpEngine, work: list[WorkI
                     group.create_task(worker(meter))
         except* FatalEndpointError as group_error:
             raise group_error.exceptions[0] from None
+    return tally
+
+
+def generate_batches(cfg: TracegenConfig, engine, work: list[WorkItem], writer: ShardWriter) -> Tally:
+    """In-process engines: one batch at a time, each request journaled as soon as its batch is done."""
+    tally = Tally()
+    sampling = json.dumps(sampling_params(cfg), sort_keys=True)
+    with Meter(sum(len(w.indexes) for w in work), cfg.log_every_s) as meter:
+        for start in range(0, len(work), cfg.batch_size):
+            batch = work[start:start + cfg.batch_size]
+            responses = engine.generate_batch([(item.messages, len(item.indexes)) for item in batch])
+            for item, response in zip(batch, responses, strict=True):
+                writer.append(*to_rows(item, response, sampling, cfg.top_logprobs > 0))
+                tally.add(item.problem_id, response)
+            meter.update(tally)
     return tally
 
 

@@ -7,6 +7,7 @@ finds its finished work and a changed setting never mixes with old traces.
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -79,3 +80,28 @@ def split_reasoning(message: dict) -> tuple[str | None, str | None, str]:
         answer = content[match.end():].lstrip("\n")
         return match.group(1).strip("\n"), answer, "think_tags"
     return None, content, "none"
+
+
+@dataclass
+class Sample:
+    """One choice of a response, or a failed request's placeholder (error set)."""
+    reasoning: str | None = None
+    content: str | None = None
+    reasoning_source: str = "none"
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
+
+
+@dataclass
+class Response:
+    samples: list[Sample]
+    model: str | None = None
+    prompt_tokens: int | None = None
+    latency_s: float = 0.0
+    attempts: int = 0
+    error: str | None = None

@@ -22,16 +22,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from data.toyworld.models import build_model, save_model
-    from data.toyworld.problems import generate_problems
-    from data.toyworld.tokenizer import corpus, train_tokenizer
-
+def teacher(toyworld, tmp_path_factory):
+    """The toy world's random student as a tiny teacher, and 40 of its problems."""
     out = tmp_path_factory.mktemp("tiny")
-    problems = generate_problems(seed=0, n_train=300, n_test=10)["train"]
-    tokenizer = train_tokenizer(corpus(problems), vocab_size=400)
-    save_model(build_model(tokenizer, "student", seed=0), tokenizer, out / "model")
-    (out / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems[:40]))
+    (out / "model").symlink_to(toyworld.student)
+    (out / "problems.jsonl").write_text("".join(toyworld.train.read_text().splitlines(keepends=True)[:40]))
     return out
 
 
