@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from data.toyworld.build import build
+from data.toyworld.build import N_TEST, N_TRAIN, build
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     cmd.add_argument("--out", type=Path, required=True, help="directory to build into, e.g. cache/toyworld")
     cmd.add_argument("--seed", type=int, default=0, help="seed for problems and model weights")
-    cmd.add_argument("--n-train", type=int, default=10000, help="number of training problems")
-    cmd.add_argument("--n-test", type=int, default=500, help="number of held-out test problems")
+    cmd.add_argument("--n-train", type=int, default=N_TRAIN, help="number of training problems")
+    cmd.add_argument("--n-test", type=int, default=N_TEST, help="number of held-out test problems")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

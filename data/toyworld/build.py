@@ -54,7 +54,10 @@ class ToyWorld:
         )
 
 
-def build(out_dir: Path, seed: int = 0, n_train: int = 10000, n_test: int = 500) -> ToyWorld:
+N_TRAIN, N_TEST = 10000, 500
+
+
+def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST) -> ToyWorld:
     """Build (or check and reuse) the toy world in out_dir; returns its paths."""
     paths = ToyWorld.at(out_dir)
     recipe = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
@@ -76,8 +79,16 @@ def build(out_dir: Path, seed: int = 0, n_train: int = 10000, n_test: int = 500)
     models = {name: _build_model_dir(path, tokenizer, name, seed) for name, path in _model_dirs(paths)}
 
     # ---- manifest last: its presence means every artifact above is complete
+    for path in (
+        paths.tokenizer / "tokenizer.json",
+        paths.teacher / "model.safetensors",
+        paths.student / "model.safetensors",
+    ):
+        hashes[path.relative_to(paths.root).as_posix()] = _sha256(path.read_bytes())
     manifest = {**recipe, "sha256": hashes, "vocab_size": len(tokenizer), "models": models}
-    _publish_file(paths.manifest, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    content = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    if not paths.manifest.exists() or paths.manifest.read_bytes() != content:
+        _publish_file(paths.manifest, content)
     return paths
 
 
@@ -86,19 +97,19 @@ def _model_dirs(paths: ToyWorld) -> list[tuple[str, Path]]:
 
 
 def _build_model_dir(path: Path, tokenizer: PreTrainedTokenizerBase, size: str, seed: int) -> dict:
-    """Save the model unless it exists; building it in memory is cheap, and counts its parameters."""
+    """Save the model unless it exists (then check its shape); building in memory is cheap and counts it."""
     model = build_model(tokenizer, size, seed)
+    shape = {**SIZES[size], "head_dim": model.config.head_dim, "vocab_size": len(tokenizer)}
     if path.exists():
-        vocab_size = json.loads((path / "config.json").read_text())["vocab_size"]
-        if vocab_size != len(tokenizer):
-            raise ValueError(
-                f"{path} has vocab_size {vocab_size} but {path.parent / 'tokenizer'} has {len(tokenizer)} "
-                f"tokens: it was built from another tokenizer; delete {path.parent} and build again"
-            )
+        config = json.loads((path / "config.json").read_text())
+        changed = {k: (config.get(k), v) for k, v in shape.items() if config.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}={old} (now {new})" for k, (old, new) in changed.items())
+            raise ValueError(f"{path} was built with {what}; delete {path.parent} and build again")
     else:
         log.info("building %s (%d parameters)", path, count_parameters(model))
         _publish_dir(path, lambda tmp: save_model(model, tokenizer, tmp))
-    return {"params": count_parameters(model), **SIZES[size]}
+    return {"params": count_parameters(model), **shape}
 
 
 def _check_manifest(path: Path, recipe: dict) -> None:
@@ -128,6 +139,7 @@ def _publish_file(path: Path, content: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(content)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; artifacts are for everyone
     os.replace(tmp, path)
 
 
@@ -137,6 +149,10 @@ def _publish_dir(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         write(tmp)
+        # mkdtemp (and some writers) make things private; the artifacts are for everyone to read
+        for file in tmp.rglob("*"):
+            file.chmod(0o755 if file.is_dir() else 0o644)
+        tmp.chmod(0o755)
         os.rename(tmp, path)
     except OSError:
         if not path.exists():

@@ -17,7 +17,7 @@ import json
 import random
 from dataclasses import dataclass
 
-GENERATOR_VERSION = 1  # bump when the text of problems or solutions changes
+GENERATOR_VERSION = 2  # bump when the text of problems or solutions changes
 DIFFICULTIES = (1, 2, 3, 4, 5)
 PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands")
 
@@ -116,7 +116,8 @@ def _mul_columns(a: int, k: int) -> list[str]:
     lines, carry = [], 0
     for i, x in enumerate(_digits(a, width)):
         total = x * k + carry
-        line = f"{PLACES[i]}: {x}*{k}" + (f"+{carry}" if carry else "") + f"={total}"
+        # The carry is added in a second equation: a times-table fact, then an easy addition.
+        line = f"{PLACES[i]}: {x}*{k}={x * k}" + (f", {x * k}+{carry}={total}" if carry else "")
         carry = 0
         if i < width - 1 and total >= 10:
             line += f", write {total % 10} carry {total // 10}"
@@ -261,6 +262,10 @@ def gold_message(problem: dict) -> dict:
     return {"role": "assistant", "content": content, "reasoning_content": reasoning}
 
 
-def gold_conversation(problem: dict) -> list[dict]:
-    """[user, assistant]: the prompt exactly as written, then `gold_message`."""
-    return [{"role": "user", "content": problem["prompt"]}, gold_message(problem)]
+def gold_conversation(problem: dict, prompt_messages: list[dict] | None = None) -> list[dict]:
+    """The prompt turns, then `gold_message`. By default the prompt is one user turn with the problem text
+    exactly as written, which is what tracegen sends without a prompt_template; pass the messages a
+    stage really sends (e.g. tracegen's renderer output) so that training and sampling see the same turns."""
+    if prompt_messages is None:
+        prompt_messages = [{"role": "user", "content": problem["prompt"]}]
+    return [*prompt_messages, gold_message(problem)]

@@ -17,9 +17,11 @@ THINK, END_THINK = "<think>", "</think>"
 MODEL_MAX_LENGTH = 2048
 # GPT-2's split pattern, except that each digit is its own piece (with the space before it, if any).
 SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Role names as the chat template writes them, so they become tokens although no problem contains them
-# (twice, because BPE only merges pairs seen at least min_frequency=2 times).
-ROLES = "system\nuser\nassistant\n"
+# Text the chat template and prompt templates add (role names, DeepSeek-R1's math instruction), so that it
+# becomes tokens although no problem contains it; twice, because BPE merges only pairs seen >= 2 times.
+SCAFFOLD = (
+    "system\nuser\nassistant\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
+)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
@@ -39,7 +41,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedToken
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is encodable: exact round trips
         show_progress=False,
     )
-    tok.train_from_iterator([ROLES, ROLES, *texts], trainer)
+    tok.train_from_iterator([SCAFFOLD, SCAFFOLD, *texts], trainer)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
