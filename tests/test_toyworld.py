@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.toyworld import build, generate_problems, gold_conversation, gold_message, read_jsonl
 from data.toyworld.problems import to_jsonl
 
-N_TRAIN, N_TEST = 300, 50
 PLACES = ["ones", "tens", "hundreds", "thousands"]
 
 PROBLEM = "Ada has 47 apples. Ada buys 38 more apples. How many apples does Ada have now?"
@@ -28,8 +27,16 @@ RENDERED = PROMPT_PART + ASSISTANT_PART + "\n"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("toyworld"), seed=0, n_train=N_TRAIN, n_test=N_TEST)
+def world(toyworld):
+    """The session's toy world (tests/conftest.py)."""
+    return toyworld
+
+
+@pytest.fixture(scope="module")
+def recipe(world):
+    """The arguments it was built with."""
+    manifest = json.loads(world.manifest.read_text())
+    return {k: manifest[k] for k in ("seed", "n_train", "n_test")}
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +118,9 @@ def test_generator_is_deterministic():
         assert to_jsonl(first[split]) != to_jsonl(other[split])
 
 
-def test_problems_are_well_formed_and_splits_disjoint(world, problems):
+def test_problems_are_well_formed_and_splits_disjoint(world, recipe, problems):
     train, test = read_jsonl(world.train), read_jsonl(world.test)
-    assert (len(train), len(test)) == (N_TRAIN, N_TEST)
+    assert (len(train), len(test)) == (recipe["n_train"], recipe["n_test"])
     assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
     assert len({p["id"] for p in problems}) == len({p["prompt"] for p in problems}) == len(problems)
     for split, records in (("train", train), ("test", test)):
@@ -145,6 +152,8 @@ def test_gold_message_splits_reasoning_from_answer(problems):
     assert message["content"] == f"The answer is \\boxed{{{p['answer']}}}."
     assert message["reasoning_content"] + "\n" + message["content"] == p["meta"]["solution"]
     assert gold_conversation(p) == [{"role": "user", "content": p["prompt"]}, message]
+    sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": p["prompt"] + "\nThink."}]
+    assert gold_conversation(p, sent) == [*sent, message]
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -266,8 +275,8 @@ def test_teacher_is_larger_than_student(world):
     assert models["teacher"]["params"] > 2 * models["student"]["params"]
 
 
-def test_build_is_deterministic_and_idempotent(world, tmp_path):
-    again = build(tmp_path / "again", seed=0, n_train=N_TRAIN, n_test=N_TEST)
+def test_build_is_deterministic_and_idempotent(world, recipe, tmp_path):
+    again = build(tmp_path / "again", **recipe)
     for attr in ("train", "test", "manifest"):
         assert getattr(again, attr).read_bytes() == getattr(world, attr).read_bytes(), attr
     for file in (
@@ -278,10 +287,11 @@ def test_build_is_deterministic_and_idempotent(world, tmp_path):
         assert (again.root / file).read_bytes() == (world.root / file).read_bytes(), file
 
     stamps = {p: p.stat().st_mtime_ns for p in again.root.rglob("*")}
-    build(again.root, seed=0, n_train=N_TRAIN, n_test=N_TEST)  # a rerun writes nothing
+    build(again.root, **recipe)  # a rerun writes nothing
     assert {p: p.stat().st_mtime_ns for p in again.root.rglob("*")} == stamps
-    with pytest.raises(ValueError, match="seed=0 \\(asked 1\\)"):
-        build(again.root, seed=1, n_train=N_TRAIN, n_test=N_TEST)
+    seed = recipe["seed"]
+    with pytest.raises(ValueError, match=f"seed={seed} \\(asked {seed + 1}\\)"):
+        build(again.root, **{**recipe, "seed": seed + 1})
 
 
 def test_missing_artifact_is_rebuilt(tmp_path):
@@ -325,7 +335,6 @@ def test_sft_trainer_assistant_only_loss_smoke(world, tokenizer, problems, tmp_p
     assert not torch.equal(before, model.model.embed_tokens.weight.detach())
 
 
-@pytest.mark.slow  # importing vLLM takes ~10 s
 def test_vllm_deepseek_r1_parser_splits_a_completion(tokenizer):
     from vllm.reasoning.deepseek_r1_reasoning_parser import DeepSeekR1ReasoningParser
 

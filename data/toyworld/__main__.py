@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("n_train", "n_test"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    paths = build(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+    try:
+        paths = build(args.out, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+    except ValueError as e:  # a mismatch with what is already built: say what, without a traceback
+        raise SystemExit(f"python -m data.toyworld build: {e}") from None
     print(json.dumps(json.loads(paths.manifest.read_text()), indent=2))
 
 

@@ -10,7 +10,9 @@ Every step is worked column by column, right to left, the way a tiny transformer
     47+38=85
     The answer is \\boxed{85}.
 
-The last line is the final answer; everything above it is the reasoning (see `gold_message`).
+Subtraction borrows as "ones: 2-7 is below 0, borrow: 12-7=5", and multiplication adds its carry in a second
+equation, "tens: 4*8=32, 32+1=33": a times-table fact, then an easy sum (a tiny model learns this far faster
+than "4*8+1=33"). The last line is the final answer; everything above it is the reasoning (`gold_message`).
 """
 
 import json
