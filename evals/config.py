@@ -79,8 +79,7 @@ class EvalsConfig:
     engine: str = _help("tracegen engine: http (base_url or serve_model), vllm or hf (in process).", default="http")
     base_url: list[str] | None = _help("OpenAI-compatible server(s), e.g. http://host:8000/v1.", default=None)
     serve_model: str | None = _help(
-        "A model directory tracegen serves with vLLM (started once per benchmark: minutes each for big models; "
-        "for many benchmarks start the server yourself and use base_url).", default=None)
+        "A model directory served with vLLM, started once for all benchmarks and stopped at the end.", default=None)
     serve_args: list[str] | str | None = _help("Extra arguments of the managed vLLM server.", default=None)
     model: str | None = _help("http: the served model name; vllm/hf: the model directory or hub name.", default=None)
     adapter: str | None = _help("vllm/hf: a LoRA adapter directory applied to `model`.", default=None)

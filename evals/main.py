@@ -4,13 +4,13 @@ python -m evals --config recipes/<x>/evals.yaml --completions generations.jsonl 
 Scores a model on math and code benchmarks with DeepSeek-R1's protocol: n samples per problem at
 temperature 0.6 / top_p 0.95, pass@1 as their mean, unbiased pass@k and maj@k (k = n). Generation goes
 through tracegen (any engine it has), one run per benchmark into <output_dir>/generations/<model>/<benchmark>/,
-so a rerun resumes; a managed server (serve_model) is started once per benchmark, which costs minutes each
-for big models (start it yourself and pass base_url to pay once). Outputs:
+so a rerun resumes; a managed server (serve_model) is started once and serves every benchmark. Outputs:
 <output_dir>/samples/<model>/<benchmark>.parquet, scores.json (every model evaluated into output_dir) and
 report.md. Exit codes: 0 done, 1 scored but some samples could not be generated (counted as wrong; rerun to
 retry them), 2 a config or input error (named).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,13 +29,16 @@ from evals.config import PUBLIC_BENCHMARKS, ConfigError, EvalsConfig, parse_conf
 from evals.math_grader import GRADER_VERSION, MathGrader
 from evals.metrics import score
 from evals.report import publish, write_samples
+from tracegen.config import TracegenConfig
 from tracegen.main import main as tracegen_main
 from tracegen.problems import ProblemError, make_renderer
+from tracegen.server import ServerError, managed_vllm_server
 from tracegen.store import read_traces
 
 log = logging.getLogger("evals")
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "evals" / "templates"
+SERVE_TIMEOUT_S = TracegenConfig.serve_timeout_s  # tracegen's default wait for a managed server
 GRADE_CHUNK = 256  # samples per grading call: one progress line each
 
 
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             samples = match_completions(cfg, rows, benches)
         else:
             benches = {name: replace(b, problems=b.problems[:cfg.limit]) for name, b in benches.items()}
-            samples = {name: generate(cfg, bench) for name, bench in benches.items()}
+            with shared_server(cfg, len(benches)) as gen_cfg:
+                samples = {name: generate(gen_cfg, bench) for name, bench in benches.items()}
         # --- grade ----------------------------------------------------------------------------------------
         grade_all(cfg, benches, samples)
         # --- score ----------------------------------------------------------------------------------------
@@ -77,6 +81,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- generation (tracegen)
+
+
+@contextlib.contextmanager
+def shared_server(cfg: EvalsConfig, n_benchmarks: int):
+    """With serve_model and several benchmarks, one managed vLLM server for all of them (a start costs minutes
+    for a big model); tracegen then talks to it as a base_url. Request keys are unchanged (same served name,
+    endpoint "local"), so runs made either way resume each other."""
+    if cfg.engine != "http" or not cfg.serve_model or n_benchmarks < 2:
+        yield cfg
+        return
+    name = cfg.model or Path(cfg.serve_model).name
+    log_path = Path(cfg.output_dir) / "logs" / f"vllm-server-{cfg.model_name}.log"
+    try:
+        with managed_vllm_server(cfg.serve_model, name, cfg.serve_args or [], log_path, SERVE_TIMEOUT_S) as url:
+            yield replace(cfg, serve_model=None, serve_args=None, model=name, base_url=[url])
+    except ServerError as e:
+        raise ConfigError(f"serve_model: {e}") from None
+
 
 
 def generate(cfg: EvalsConfig, bench: Benchmark) -> list[dict]:
