@@ -156,6 +156,19 @@ def test_gold_message_splits_reasoning_from_answer(problems):
     assert gold_conversation(p, sent) == [*sent, message]
 
 
+def test_gold_sft_set_is_the_train_split_in_the_curated_format(world, tokenizer):
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(world.gold), split="train")
+    train = read_jsonl(world.train)
+    assert rows["problem_id"] == [p["id"] for p in train]
+    for row, problem in zip(rows, train, strict=True):
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        assert text.endswith(f"<think>\n{problem['meta']['solution']}<|im_end|>\n".replace(
+            "\nThe answer", "\n</think>\n\nThe answer"))
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -277,7 +290,7 @@ def test_teacher_is_larger_than_student(world):
 
 def test_build_is_deterministic_and_idempotent(world, recipe, tmp_path):
     again = build(tmp_path / "again", **recipe)
-    for attr in ("train", "test", "manifest"):
+    for attr in ("train", "test", "gold", "manifest"):
         assert getattr(again, attr).read_bytes() == getattr(world, attr).read_bytes(), attr
     for file in (
         "tokenizer/tokenizer.json",

@@ -2,6 +2,8 @@
 
     out/problems/train.jsonl, problems/test.jsonl   Problem records (data/README.md)
     out/tokenizer/                                  AutoTokenizer directory with the chat template
+    out/gold/train.parquet                          the gold solutions of the train split as an SFT set, in the
+                                                    curated format (data/README.md): how the toy teacher learns
     out/teacher-init/, out/student-init/            random Qwen2 models + tokenizer + generation_config.json
     out/manifest.json                               seed, sizes, sha256 of the problem files, parameter counts
 
@@ -10,6 +12,7 @@ what exists and matches, and refuses (naming the file) what exists and does not.
 """
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data.toyworld.models import SIZES, build_model, count_parameters, save_model
-from data.toyworld.problems import GENERATOR_VERSION, generate_problems, to_jsonl
+from data.toyworld.problems import GENERATOR_VERSION, generate_problems, gold_conversation, to_jsonl
 from data.toyworld.tokenizer import corpus, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,7 @@ class ToyWorld:
     root: Path
     train: Path
     test: Path
+    gold: Path
     tokenizer: Path
     teacher: Path
     student: Path
@@ -47,6 +53,7 @@ class ToyWorld:
             root=root,
             train=root / "problems" / "train.jsonl",
             test=root / "problems" / "test.jsonl",
+            gold=root / "gold" / "train.parquet",
             tokenizer=root / "tokenizer",
             teacher=root / "teacher-init",
             student=root / "student-init",
@@ -70,6 +77,8 @@ def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_
         content = to_jsonl(splits[split])
         hashes[path.relative_to(paths.root).as_posix()] = _sha256(content)
         _write_or_check(path, content, recipe)
+    if not paths.gold.exists():  # derived from train.jsonl, checked above
+        _publish_file(paths.gold, gold_parquet(splits["train"]))
 
     # ---- tokenizer, then the models whose vocabulary it decides
     if not paths.tokenizer.exists():
@@ -90,6 +99,18 @@ def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_
     if not paths.manifest.exists() or paths.manifest.read_bytes() != content:
         _publish_file(paths.manifest, content)
     return paths
+
+
+def gold_parquet(problems: list[dict]) -> bytes:
+    """The gold conversations as curated rows: messages (reasoning in reasoning_content), ids, difficulty."""
+    rows = [{"messages": gold_conversation(p), "trace_id": f"gold-{p['id']}", "problem_id": p["id"],
+             "domain": p["domain"], "difficulty": p["meta"]["difficulty"]} for p in problems]
+    for row in rows:
+        for message in row["messages"]:
+            message.setdefault("reasoning_content", None)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink, compression="zstd")
+    return sink.getvalue()
 
 
 def _model_dirs(paths: ToyWorld) -> list[tuple[str, Path]]:
