@@ -35,6 +35,10 @@ class TracegenConfig:
         "the 0-based row number (for data without ids).", default=None)
     problem_defaults: dict | str | None = _help(
         "Values for Problem fields the source lacks, e.g. {domain: math, source: gsm8k}.", default=None)
+    answer_format: str = _help(
+        "How the mapped `answer` column holds the gold final answer: plain (as is), gsm8k (a solution ending in "
+        '"#### <answer>") or boxed (a solution whose last \\boxed{} is the answer, e.g. MATH). The full '
+        "solution is kept in meta.solution.", default="plain")
     limit: int | None = _help("Use only the first N problems (after validation).", default=None)
     shard: str = _help("i/N: this process does the i-th of N deterministic parts of the job.", default="0/1")
     # --- prompt ---------------------------------------------------------------------------------------
@@ -113,6 +117,8 @@ class TracegenConfig:
             raise ConfigError("output_dir: required (e.g. runs/<name>)")
         if self.engine not in ("http", "vllm", "hf"):
             raise ConfigError(f"engine: {self.engine!r} is not one of: http, vllm, hf")
+        if self.answer_format not in ("plain", "gsm8k", "boxed"):
+            raise ConfigError(f"answer_format: {self.answer_format!r} is not one of: plain, gsm8k, boxed")
         if self.engine == "http" and bool(self.base_url) == bool(self.serve_model):
             raise ConfigError("base_url / serve_model: set exactly one (a server to use, or a model to serve)")
         if self.engine != "http" and (self.base_url or self.serve_model or not self.model):

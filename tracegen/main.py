@@ -21,9 +21,9 @@ from tracegen.config import ConfigError, TracegenConfig, parse_config
 from tracegen.http_engine import FatalEndpointError, HttpEngine
 from tracegen.problems import ProblemError, load_problems, make_renderer, shard_of
 from tracegen.progress import Meter, Tally, cost
-from tracegen.records import request_key, trace_id
+from tracegen.records import request_key, source_key, trace_id
 from tracegen.server import ServerError, managed_vllm_server
-from tracegen.store import ShardWriter, done_trace_ids
+from tracegen.store import ShardWriter, done_trace_ids, write_problems
 
 log = logging.getLogger("tracegen")
 
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         # --- generate ----------------------------------------------------------------------------------
         if cfg.engine == "http":
             with teacher(cfg) as base_urls:
-                tally = asyncio.run(generate(cfg, base_urls, prompts))
+                tally = asyncio.run(generate(cfg, base_urls, prompts, mine))
         else:
-            tally = generate_in_process(cfg, prompts)
+            tally = generate_in_process(cfg, prompts, mine)
     except (ConfigError, ProblemError, ServerError, FatalEndpointError, ImportError, OSError) as e:
         log.error("%s", e)
         return 2
@@ -80,12 +80,12 @@ def teacher(cfg: TracegenConfig):
         yield [url]
 
 
-async def generate(cfg: TracegenConfig, base_urls: list[str], prompts: dict) -> Tally:
+async def generate(cfg: TracegenConfig, base_urls: list[str], prompts: dict, problems: list[dict]) -> Tally:
     """Check the servers, then write every sample not done yet (one event loop for the clients' life)."""
     clients = make_clients(cfg, base_urls)
     try:
         cfg.model = await resolve_model(cfg, clients)
-        with open_writer(cfg) as writer:
+        with open_writer(cfg, problems) as writer:
             work = plan_and_log(cfg, prompts, endpoint_id(cfg, base_urls), writer)
             return finish(await generate_all(cfg, HttpEngine(cfg, clients), work, writer), cfg, prompts, work)
     finally:
@@ -93,7 +93,7 @@ async def generate(cfg: TracegenConfig, base_urls: list[str], prompts: dict) -> 
             await client.close()
 
 
-def generate_in_process(cfg: TracegenConfig, prompts: dict) -> Tally:
+def generate_in_process(cfg: TracegenConfig, prompts: dict, problems: list[dict]) -> Tally:
     """engine vllm/hf: batches of `batch_size` prompts through a model loaded here."""
     if cfg.engine == "vllm":
         from tracegen.vllm_engine import VllmEngine as Engine
@@ -101,15 +101,19 @@ def generate_in_process(cfg: TracegenConfig, prompts: dict) -> Tally:
         from tracegen.hf_engine import HfEngine as Engine
     engine = Engine(cfg)  # load before writing anything: a bad model path fails with nothing half-written
     endpoint = cfg.engine + (f"+adapter:{cfg.adapter}" if cfg.adapter else "")
-    with open_writer(cfg) as writer:
+    with open_writer(cfg, problems) as writer:
         work = plan_and_log(cfg, prompts, endpoint, writer)
         return finish(generate_batches(cfg, engine, work, writer), cfg, prompts, work)
 
 
 @contextlib.contextmanager
-def open_writer(cfg: TracegenConfig):
+def open_writer(cfg: TracegenConfig, problems: list[dict]):
     run_dir, (i, count) = Path(cfg.output_dir), cfg.shard_index
     cfg.save(run_dir / ("tracegen.config.yaml" if count == 1 else f"tracegen.config.{i}of{count}.yaml"))
+    source = {name: getattr(cfg, name) for name in ("problems", "problems_split", "problems_config",
+                                                    "problems_revision", "column_map", "problem_defaults",
+                                                    "answer_format")}
+    write_problems(run_dir, problems, source_key(source), cfg.shard_index)
     writer = ShardWriter(run_dir, cfg.shard_index, cfg.shard_rows, logprobs=cfg.top_logprobs > 0)
     try:
         yield writer

@@ -12,6 +12,7 @@ import jinja2
 REQUIRED = ("id", "domain", "prompt")
 FIELDS = ("id", "domain", "prompt", "answer", "tests", "source", "meta")
 DOMAINS = ("math", "code")
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
 
 
 class ProblemError(ValueError):
@@ -27,7 +28,7 @@ def load_problems(cfg) -> list[dict]:
         rows = _read_parquet(path)
     else:  # a dataset folder or a hub name such as openai/gsm8k
         rows = _read_hf(cfg)
-    return validate(rows, cfg.column_map or {}, cfg.problem_defaults or {})
+    return validate(rows, cfg.column_map or {}, cfg.problem_defaults or {}, getattr(cfg, "answer_format", "plain"))
 
 
 def _read_jsonl(path: Path):
@@ -73,13 +74,17 @@ def _read_hf(cfg):
         yield f"{where}: row {i}", row
 
 
-def validate(rows, column_map: dict, defaults: dict) -> list[dict]:
+def validate(rows, column_map: dict, defaults: dict, answer_format: str = "plain") -> list[dict]:
+    if answer_format not in ANSWER_FORMATS:
+        raise ProblemError(f"answer_format: {answer_format!r} is not one of {ANSWER_FORMATS}")
     unknown = set(column_map) - set(FIELDS)
     if unknown:
         raise ProblemError(f"column_map: unknown Problem fields {sorted(unknown)}; fields are {FIELDS}")
     problems, seen = [], {}
     for index, (where, row) in enumerate(rows):
         problem = _to_problem(where, index, row, column_map, defaults)
+        if answer_format != "plain" and problem["answer"] is not None:
+            problem = _with_final_answer(where, problem, answer_format)
         if problem["id"] in seen:
             raise ProblemError(f"{where}: duplicate id {problem['id']!r} (first at {seen[problem['id']]})")
         seen[problem["id"]] = where
@@ -119,6 +124,33 @@ def _to_problem(where: str, index: int, row: dict, column_map: dict, defaults: d
             except json.JSONDecodeError:
                 raise ProblemError(f"{where}: {name} is a string but not JSON") from None
     return problem
+
+
+def _with_final_answer(where: str, problem: dict, answer_format: str) -> dict:
+    """The gold final answer out of a worked solution; the solution itself moves to meta.solution."""
+    solution = problem["answer"]
+    if answer_format == "gsm8k":
+        answer = solution.rsplit("####", 1)[1].strip().replace(",", "") if "####" in solution else None
+    else:
+        answer = last_boxed(solution)
+    if not answer:
+        wanted = '"#### <answer>" line' if answer_format == "gsm8k" else "\\boxed{...}"
+        raise ProblemError(f"{where}: answer_format {answer_format}: the answer has no {wanted}: {solution[-80:]!r}")
+    meta = problem["meta"] if isinstance(problem["meta"], dict) else {}
+    return {**problem, "answer": answer, "meta": {"solution": solution, **meta}}
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} in text (braces balanced), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len("\\boxed{")
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth < 0:
+            return text[begin:i].strip()
+    return None
 
 
 def shard_of(problems: list[dict], shard: tuple[int, int]) -> list[dict]:

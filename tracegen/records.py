@@ -43,6 +43,29 @@ LOGPROB_SCHEMA = pa.schema([
 ])
 
 
+# The problems a run was asked about, as tracegen validated them (tests and meta as JSON text), so a run
+# directory is self-contained: filter reads gold answers and tests from here, not from the original source.
+PROBLEM_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("domain", pa.string()),
+    ("prompt", pa.string()),
+    ("answer", pa.string()),
+    ("tests", pa.string()),
+    ("source", pa.string()),
+    ("meta", pa.string()),
+])
+
+
+def problem_row(problem: dict) -> dict:
+    as_json = lambda v: None if v is None else json.dumps(v, sort_keys=True, ensure_ascii=False)  # noqa: E731
+    return {**problem, "tests": as_json(problem["tests"]), "meta": as_json(problem["meta"])}
+
+
+def source_key(source: dict) -> str:
+    """Names a problem source (file or dataset, split, column map...): its problems file in the run."""
+    return _digest(source)[:16]
+
+
 def _digest(obj) -> str:
     text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tracegen.records import LOGPROB_SCHEMA, TRACE_SCHEMA
+from tracegen.records import LOGPROB_SCHEMA, PROBLEM_SCHEMA, TRACE_SCHEMA, problem_row
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,18 @@ def _write_parquet(table: pa.Table, path: Path) -> None:
 def _next_seq(directory: Path, prefix: str) -> int:
     seqs = [int(p.name[len(prefix):].split(".")[0]) for p in directory.glob(f"{prefix}*.parquet")]
     return max(seqs, default=-1) + 1
+
+
+def write_problems(run_dir: Path, problems: list[dict], source: str, shard: tuple[int, int]) -> Path:
+    """`problems/<source>.<i>of<N>.parquet`: the problems this shard works on (replaced when the set changes,
+    e.g. a larger `limit`). Readers take the union over files; an id has one content across them."""
+    path = run_dir / "problems" / f"{source}.{shard[0]}of{shard[1]}.parquet"
+    table = pa.Table.from_pylist([problem_row(p) for p in problems], schema=PROBLEM_SCHEMA)
+    if path.exists() and pq.read_table(path, schema=PROBLEM_SCHEMA).equals(table):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_parquet(table, path)
+    return path
 
 
 def read_traces(run_dir: Path, columns: list[str] | None = None) -> pa.Table:

@@ -128,6 +128,18 @@ def test_raising_n_later_adds_only_the_new_samples(tmp_path, server):
     assert all(first[t] == r for t, r in ((r["trace_id"], r) for r in traces) if t in first)
 
 
+def test_the_run_keeps_the_problems_it_was_asked_about(tmp_path, server):
+    code, out = run(tmp_path, server.base_url, ["a", "b", "c"], "--limit", "2")
+    (path,) = (out / "problems").glob("*.parquet")
+    assert code == 0 and path.name.endswith(".0of1.parquet")
+    assert pq.read_table(path).to_pylist() == [
+        {"id": f"p{i}", "domain": "math", "prompt": p, "answer": None, "tests": None, "source": None, "meta": None}
+        for i, p in enumerate("ab")]
+    code, out = run(tmp_path, server.base_url, ["a", "b", "c"])  # same source, all of it: the file follows
+    assert [path] == list((out / "problems").glob("*.parquet"))
+    assert pq.read_table(path)["id"].to_pylist() == ["p0", "p1", "p2"]
+
+
 def test_top_logprobs_go_to_the_side_table_as_token_ids(tmp_path, server):
     code, out = run(tmp_path, server.base_url, ["[tokens:12][answer:5]", "[finish:length]"], "--top_logprobs", "3",
                     "--max_tokens", "16", n=2)

@@ -63,6 +63,19 @@ def test_parquet_with_column_map_row_ids_and_defaults(tmp_path):
     ]
 
 
+def test_answer_format_takes_the_final_answer_out_of_a_solution(tmp_path):
+    gsm = "2 + 2 = 4\nSo 1,004 in all.\n#### 1,004"
+    math = "Thus $x=\\frac{1}{2}$, and $y = \\boxed{\\frac{\\sqrt{2}}{2}}$."
+    for name, solution, gold in (("gsm8k", gsm, "1004"), ("boxed", math, "\\frac{\\sqrt{2}}{2}")):
+        pq.write_table(pa.table({"question": ["q"], "sol": [solution]}), tmp_path / f"{name}.parquet")
+        (problem,) = load_problems(cfg(tmp_path / f"{name}.parquet", answer_format=name, problem_defaults={
+            "domain": "math"}, column_map={"id": "@row", "prompt": "question", "answer": "sol"}))
+        assert (problem["answer"], problem["meta"]) == (gold, {"solution": solution})
+    with pytest.raises(ProblemError, match=r"gsm8k.parquet: row 0: answer_format boxed: the answer has no "):
+        load_problems(cfg(tmp_path / "gsm8k.parquet", answer_format="boxed", problem_defaults={"domain": "math"},
+                          column_map={"id": "@row", "prompt": "question", "answer": "sol"}))
+
+
 def test_parquet_error_names_row(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "domain": ["math", "math"], "prompt": ["x", None]}),
                    tmp_path / "p.parquet")
