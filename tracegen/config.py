@@ -35,6 +35,9 @@ class TracegenConfig:
         "the 0-based row number (for data without ids).", default=None)
     problem_defaults: dict | str | None = _help(
         "Values for Problem fields the source lacks, e.g. {domain: math, source: gsm8k}.", default=None)
+    id_prefix: str = _help(
+        'Prepended to every problem id, e.g. "math/": several sources can then share one run directory.',
+        default="")
     answer_format: str = _help(
         "How the mapped `answer` column holds the gold final answer: plain (as is), gsm8k (a solution ending in "
         '"#### <answer>") or boxed (a solution whose last \\boxed{} is the answer, e.g. MATH). The full '

@@ -112,7 +112,7 @@ def open_writer(cfg: TracegenConfig, problems: list[dict]):
     cfg.save(run_dir / ("tracegen.config.yaml" if count == 1 else f"tracegen.config.{i}of{count}.yaml"))
     source = {name: getattr(cfg, name) for name in ("problems", "problems_split", "problems_config",
                                                     "problems_revision", "column_map", "problem_defaults",
-                                                    "answer_format")}
+                                                    "answer_format", "id_prefix")}
     write_problems(run_dir, problems, source_key(source), cfg.shard_index)
     writer = ShardWriter(run_dir, cfg.shard_index, cfg.shard_rows, logprobs=cfg.top_logprobs > 0)
     try:

@@ -28,7 +28,9 @@ def load_problems(cfg) -> list[dict]:
         rows = _read_parquet(path)
     else:  # a dataset folder or a hub name such as openai/gsm8k
         rows = _read_hf(cfg)
-    return validate(rows, cfg.column_map or {}, cfg.problem_defaults or {}, getattr(cfg, "answer_format", "plain"))
+    problems = validate(rows, cfg.column_map or {}, cfg.problem_defaults or {}, getattr(cfg, "answer_format", "plain"))
+    prefix = getattr(cfg, "id_prefix", "")
+    return [{**p, "id": prefix + p["id"]} for p in problems] if prefix else problems
 
 
 def _read_jsonl(path: Path):

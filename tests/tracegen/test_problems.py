@@ -71,6 +71,10 @@ def test_answer_format_takes_the_final_answer_out_of_a_solution(tmp_path):
         (problem,) = load_problems(cfg(tmp_path / f"{name}.parquet", answer_format=name, problem_defaults={
             "domain": "math"}, column_map={"id": "@row", "prompt": "question", "answer": "sol"}))
         assert (problem["answer"], problem["meta"]) == (gold, {"solution": solution})
+    (problem,) = load_problems(cfg(tmp_path / "boxed.parquet", answer_format="boxed", id_prefix="math/",
+                                   problem_defaults={"domain": "math"}, column_map={"id": "@row", "prompt": "question",
+                                                                                    "answer": "sol"}))
+    assert problem["id"] == "math/0"
     with pytest.raises(ProblemError, match=r"gsm8k.parquet: row 0: answer_format boxed: the answer has no "):
         load_problems(cfg(tmp_path / "gsm8k.parquet", answer_format="boxed", problem_defaults={"domain": "math"},
                           column_map={"id": "@row", "prompt": "question", "answer": "sol"}))
