@@ -273,6 +273,7 @@ def test_models_load_like_hub_models(world, tokenizer, name):
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
     assert model.generation_config.pad_token_id == tokenizer.pad_token_id
     assert AutoTokenizer.from_pretrained(path).chat_template == tokenizer.chat_template
+
     ids = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROBLEM}], add_generation_prompt=True, return_tensors="pt"
     )
@@ -281,6 +282,16 @@ def test_models_load_like_hub_models(world, tokenizer, name):
     assert logits.shape == (1, ids["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
     manifest = json.loads(world.manifest.read_text())
     assert manifest["models"][name]["params"] == model.num_parameters()
+
+
+@pytest.mark.parametrize("name", ["teacher", "student"])
+def test_a_model_directory_tokenizes_exactly_like_the_tokenizer(world, tokenizer, problems, name):
+    """transformers loads a model directory's tokenizer as Qwen2Tokenizer, which rebuilds pre-tokenization in code:
+    training, vLLM and the in-process engines must still all see the same ids."""
+    from_model = AutoTokenizer.from_pretrained(getattr(world, name))
+    for p in problems[:200]:
+        text = tokenizer.apply_chat_template(gold_conversation(p), tokenize=False)
+        assert from_model(text)["input_ids"] == tokenizer(text)["input_ids"], text
 
 
 def test_teacher_is_larger_than_student(world):

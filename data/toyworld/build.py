@@ -28,7 +28,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data.toyworld.models import SIZES, build_model, count_parameters, save_model
 from data.toyworld.problems import GENERATOR_VERSION, generate_problems, gold_conversation, to_jsonl
-from data.toyworld.tokenizer import corpus, save_tokenizer, train_tokenizer
+from data.toyworld.tokenizer import TOKENIZER_VERSION, corpus, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ N_TRAIN, N_TEST = 10000, 500
 def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST) -> ToyWorld:
     """Build (or check and reuse) the toy world in out_dir; returns its paths."""
     paths = ToyWorld.at(out_dir)
-    recipe = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_test": n_test}
+    recipe = {"generator_version": GENERATOR_VERSION, "tokenizer_version": TOKENIZER_VERSION, "seed": seed,
+              "n_train": n_train, "n_test": n_test}
     _check_manifest(paths.manifest, recipe)
 
     # ---- problems: cheap to regenerate, so an existing file is compared byte for byte

@@ -1,22 +1,24 @@
 """A small byte-level BPE tokenizer trained on the toy problems, saved as an AutoTokenizer directory.
 
-Numbers are split into single digits before BPE (as Qwen2's tokenizer does), so the model reads and writes
-them one column at a time. Special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos). <think> and
+Pre-tokenization is exactly Qwen2's (NFC, its split regex: every digit its own piece, byte-level), so the model
+reads and writes numbers one column at a time, and so the tokenizer gives the same ids whichever class loads it:
+transformers 5 loads a model directory's tokenizer as Qwen2Tokenizer (from config.json's model_type), which
+rebuilds the normalizer and pre-tokenizer in code and ignores tokenizer.json's. Special tokens: <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos). <think> and
 </think> are added as single tokens that are NOT special: vLLM decodes with skip_special_tokens=True and its
 deepseek_r1 reasoning parser must still find both tags (by vocab id and in the text).
 """
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 CHAT_TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "chat_template.jinja"
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
 MODEL_MAX_LENGTH = 2048
-# GPT-2's split pattern, except that each digit is its own piece (with the space before it, if any).
-SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+TOKENIZER_VERSION = 2  # bump when training changes the ids (2: Qwen2's pre-tokenization, see above)
 # Text the chat template and prompt templates add (role names, DeepSeek-R1's math instruction), so that it
 # becomes tokens although no problem contains it; twice, because BPE merges only pairs seen >= 2 times.
 SCAFFOLD = (
@@ -27,9 +29,10 @@ SCAFFOLD = (
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train BPE on `texts`; the vocabulary may stop short of vocab_size when no pair repeats."""
     tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
