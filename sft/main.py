@@ -1,0 +1,163 @@
+"""python -m sft --config recipes/<x>/sft.yaml [--field value ...]
+accelerate launch --config_file recipes/accelerate/fsdp.yaml -m sft --config recipes/<x>/sft.yaml
+
+Fine-tunes a student on a curated set with TRL's SFTTrainer: full fine-tuning, or LoRA with `use_peft: true`
+(PEFT); the loss covers exactly the assistant's tokens (the chat template's {% generation %} markers), with
+the reasoning inside <think>. With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs
+(sft/kd.py), with `kd: online` to a local teacher's full logits. Writes <output_dir>/ (model or adapter,
+tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
+checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
+"""
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from sft.config import ConfigError, parse_config
+from sft.data import fit_lengths, load_curated, tokenize, training_template
+
+log = logging.getLogger("sft")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, training_args, model_args, set_by_user = parse_config(argv)
+        derive_defaults(training_args, set_by_user)
+        log.info("resolved config:\n%s", yaml.safe_dump({"sft": asdict(args), "model": asdict(model_args)},
+                                                         sort_keys=False).rstrip())
+        # --- load and tokenize: every length is known before training -------------------------------------
+        tokenizer = load_tokenizer(model_args)
+        template = training_template(tokenizer, args.chat_template)
+        dataset = load_curated(args.dataset, args.dataset_split)
+        dataset = prepare(dataset, tokenizer, template, args)
+        max_length = None if "max_length" not in set_by_user else training_args.max_length
+        dataset, training_args.max_length, dropped = fit_lengths(dataset, max_length, args.drop_long)
+        dataset = dataset.remove_columns("length")
+        # --- train (resuming from the last checkpoint) -----------------------------------------------------
+        trainer = build_trainer(args, training_args, model_args, tokenizer, dataset)
+    except (ConfigError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    last = last_checkpoint(training_args.output_dir)
+    start = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=last)
+    # --- save and report ------------------------------------------------------------------------------------
+    out = Path(training_args.output_dir)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    if args.merge:
+        save_merged(trainer.model, tokenizer, out / "merged")
+    metrics = write_metrics(out, trainer, result, len(dataset), dropped, training_args.max_length,
+                            time.monotonic() - start, resumed_from=last)
+    log.info("done: %d examples, final loss %.4f, %.0f tokens/s -> %s", metrics["examples"],
+             metrics["train_loss"], metrics["tokens_per_s"], out)
+    return 0
+
+
+def derive_defaults(training_args, set_by_user: set[str]) -> None:
+    """TRL's defaults assume a GPU; on a CPU, bf16 autocast and gradient checkpointing make a step ~15x slower."""
+    gpu = torch.cuda.is_available()
+    if "gradient_checkpointing" not in set_by_user and not gpu:
+        training_args.gradient_checkpointing = False
+    if "report_to" not in set_by_user:
+        training_args.report_to = []
+    for name in ("bf16", "gradient_checkpointing"):
+        if name in set_by_user:
+            log.info("%s: %s (set; derived default: %s)", name, getattr(training_args, name), gpu)
+
+
+def load_tokenizer(model_args):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    except OSError as e:
+        raise ConfigError(f"model_name_or_path: cannot load a tokenizer from {model_args.model_name_or_path}: {e}"
+                          ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare(dataset, tokenizer, template: str, args):
+    """input_ids + labels (-100 outside the assistant's tokens) + length; KD adds the teacher's top-k."""
+    if args.kd == "sparse":
+        from sft.kd import check_same_tokenizer
+        from sft.kd_data import prepare_kd_dataset
+
+        teacher = args.teacher_model or dataset[0].get("teacher_model")
+        check_same_tokenizer(tokenizer, teacher)
+        curated_dir = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
+        dataset = prepare_kd_dataset(dataset, tokenizer, curated_dir, template)
+        return dataset.map(lambda ids: {"length": len(ids)}, input_columns="input_ids")
+    tokenized = tokenize(dataset, tokenizer, template)
+    return tokenized.map(lambda ids, mask: {"labels": [t if m else -100 for t, m in zip(ids, mask, strict=True)]},
+                         input_columns=["input_ids", "assistant_masks"], remove_columns=["assistant_masks"])
+
+
+def build_trainer(args, training_args, model_args, tokenizer, dataset):
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer, get_peft_config
+
+    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else (
+        torch.bfloat16 if training_args.bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                 dtype=dtype, attn_implementation=model_args.attn_implementation)
+    peft_config = get_peft_config(model_args)
+    common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+                  peft_config=peft_config)
+    if args.kd == "sparse":
+        from sft.kd import SparseKDTrainer
+        from sft.kd_data import KDCollator
+
+        return SparseKDTrainer(**common, data_collator=KDCollator(tokenizer.pad_token_id),
+                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
+                               kd_chunk_size=args.kd_chunk_size)
+    if args.kd == "online":
+        from sft.kd import build_online_kd_trainer
+
+        return build_online_kd_trainer(model, args.teacher_model, training_args, dataset, tokenizer, peft_config,
+                                       alpha=args.kd_alpha, temperature=args.kd_temperature,
+                                       divergence=args.kd_divergence, beta=args.kd_jsd_beta,
+                                       chunk_size=args.kd_chunk_size)
+    return SFTTrainer(**common)
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+def save_merged(model, tokenizer, path: Path) -> None:
+    if not hasattr(model, "merge_and_unload"):
+        raise ConfigError("merge: true needs use_peft: true (a full fine-tune is already a whole model)")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    log.info("merged model: %s", path)
+
+
+def write_metrics(out: Path, trainer, result, examples: int, dropped: int, max_length: int, wall_s: float,
+                  resumed_from: str | None) -> dict:
+    history = trainer.state.log_history
+    tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics = {
+        "examples": examples, "dropped_long": dropped, "max_length": max_length,
+        "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+        "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+        "tokens": tokens, "wall_s": round(wall_s, 1),
+        "tokens_per_s": round(tokens / wall_s, 1) if tokens and wall_s else 0.0,
+        "resumed_from": resumed_from, "log_history": history,
+    }
+    (out / "sft_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics

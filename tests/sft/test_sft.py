@@ -1,0 +1,129 @@
+"""python -m sft on tiny toy-world models: full and LoRA runs learn and touch the right weights, the loss mask is
+exactly the assistant turn, lengths are checked before training, runs resume, config errors name the field."""
+
+import json
+import logging
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.toyworld.problems import gold_conversation, read_jsonl
+from sft.data import load_curated, tokenize, training_template
+from sft.main import main
+
+
+@pytest.fixture(scope="module")
+def curated(toyworld, tmp_path_factory):
+    """A curated folder: 48 gold conversations, reasoning inline in <think> (filter's default export)."""
+    folder = tmp_path_factory.mktemp("curated")
+    rows = []
+    for p in read_jsonl(toyworld.train)[:48]:
+        user, gold = gold_conversation(p)
+        content = f"<think>\n{gold['reasoning_content']}\n</think>\n\n{gold['content']}"
+        rows.append({"messages": [user | {"reasoning_content": None},
+                                  {"role": "assistant", "content": content, "reasoning_content": None}],
+                     "trace_id": f"t-{p['id']}", "problem_id": p["id"]})
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
+    return folder
+
+
+def run(toyworld, curated, out, *flags):
+    return main(["--dataset", str(curated), "--model_name_or_path", str(toyworld.student), "--output_dir", str(out),
+                 "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--logging_steps", "1",
+                 "--save_steps", "4", "--seed", "0", *flags])
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_full_fine_tuning_lowers_the_loss_and_changes_the_weights(toyworld, curated, tmp_path):
+    assert run(toyworld, curated, tmp_path / "full", "--max_steps", "12") == 0
+    metrics = json.loads((tmp_path / "full" / "sft_metrics.json").read_text())
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert metrics["examples"] == 48 and metrics["dropped_long"] == 0 and metrics["global_step"] == 12
+    assert metrics["tokens"] > 0 and metrics["tokens_per_s"] > 0
+    before, after = weights(toyworld.student), weights(tmp_path / "full")
+    assert all(not torch.equal(before[k], after[k]) for k in before if "layers.0.self_attn.q_proj" in k)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full")  # loads and generates like any checkpoint
+    tok = AutoTokenizer.from_pretrained(tmp_path / "full")
+    ids = tok.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+def test_lora_trains_only_the_adapter_and_merges(toyworld, curated, tmp_path):
+    out = tmp_path / "lora"
+    assert run(toyworld, curated, out, "--max_steps", "8", "--use_peft", "true", "--lora_r", "4",
+               "--lora_alpha", "8", "--lora_target_modules", "q_proj", "v_proj", "--merge", "true") == 0
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    base, merged = weights(toyworld.student), weights(out / "merged")
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)  # the base itself stayed frozen
+
+
+def test_the_loss_mask_is_exactly_the_assistant_turn(toyworld, curated):
+    tokenizer = AutoTokenizer.from_pretrained(toyworld.student)
+    rows = load_curated(str(curated)).select(range(3))
+    enc = tokenize(rows, tokenizer, training_template(tokenizer, None))
+    for row, ids, mask in zip(rows, enc["input_ids"], enc["assistant_masks"], strict=True):
+        trained = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        assert trained == row["messages"][-1]["content"] + "<|im_end|>"
+        prompt = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        assert prompt == f"<|im_start|>user\n{row['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n\n"
+
+
+def test_max_length_is_derived_checked_and_never_truncates(toyworld, curated, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    assert run(toyworld, curated, tmp_path / "derived", "--max_steps", "1") == 0
+    longest = json.loads((tmp_path / "derived" / "sft_metrics.json").read_text())["max_length"]
+    assert f"max_length: {longest} (derived" in caplog.text
+    assert run(toyworld, curated, tmp_path / "short", "--max_steps", "1", "--max_length", str(longest - 1)) == 2
+    assert f"longer than {longest - 1} tokens (the longest has {longest})" in caplog.text
+    assert "drop_long" in caplog.text and not (tmp_path / "short").exists()
+    assert run(toyworld, curated, tmp_path / "dropped", "--max_steps", "1", "--max_length", str(longest - 1),
+               "--drop_long", "true") == 0
+    metrics = json.loads((tmp_path / "dropped" / "sft_metrics.json").read_text())
+    assert metrics["dropped_long"] >= 1 and metrics["examples"] == 48 - metrics["dropped_long"]
+
+
+def test_a_rerun_resumes_from_the_last_checkpoint(toyworld, curated, tmp_path):
+    out = tmp_path / "resume"
+    assert run(toyworld, curated, out, "--max_steps", "4") == 0  # an "interrupted" job: checkpoint-4 on disk
+    first = [h for h in json.loads((out / "sft_metrics.json").read_text())["log_history"] if "loss" in h]
+    assert run(toyworld, curated, out, "--max_steps", "8") == 0
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    assert metrics["resumed_from"].endswith("checkpoint-4") and metrics["global_step"] == 8
+    logged = [h for h in metrics["log_history"] if "loss" in h]
+    assert [h["step"] for h in logged] == list(range(1, 9))  # steps 1-4 once (restored), then 5-8: continued
+    assert logged[:4] == first
+
+
+def test_config_errors_name_the_field(toyworld, curated, tmp_path, caplog):
+    assert run(toyworld, curated, tmp_path / "x", "--kd", "dense") == 2
+    assert "kd: 'dense' is not one of" in caplog.text
+    assert main(["--model_name_or_path", str(toyworld.student), "--output_dir", str(tmp_path / "y")]) == 2
+    assert "dataset: required" in caplog.text
+    assert run(toyworld, tmp_path / "nothing-here", tmp_path / "z") == 2
+    assert "nothing-here" in caplog.text
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"dataset: {curated}\nmodel_name_or_path: {toyworld.student}\nlerning_rate: 0.1\n")
+    assert main(["--config", str(bad), "--output_dir", str(tmp_path / "w")]) == 2
+    assert "lerning_rate" in caplog.text
+
+
+def test_curated_sets_load_from_a_folder_a_file_or_a_glob(curated):
+    file = next(curated.glob("*.parquet"))
+    for source in (str(curated), str(file), str(curated / "*.parquet")):
+        assert len(load_curated(source)) == 48
+    assert isinstance(load_curated(str(curated)), datasets.Dataset)
