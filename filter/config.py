@@ -1,0 +1,188 @@
+"""FilterConfig: the one flat config of the filter stage, read from YAML and overridable by flags.
+
+    python -m filter --config recipes/<x>/filter.yaml [--field value ...]
+"""
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tracegen.config import ConfigError  # one "a setting is wrong" error across the stages
+
+PUBLIC_BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23", "humaneval", "humanevalplus", "mbppplus")
+SELECT_BY = ("shortest", "most_confident")
+REASONING_FORMATS = ("think_tags", "field")
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+@dataclass
+class FilterConfig:
+    # --- where ----------------------------------------------------------------------------------------
+    run_dir: str | None = _help(
+        "Run directory with traces/ (and logprobs/): a local path or an object-store URL (s3://, gs://, read "
+        "through DuckDB's httpfs).", default=None)
+    db: str | None = _help("The curation database. Default: <run_dir>/curation.duckdb (required when run_dir "
+                           "is a URL: the database is always a local file).", default=None)
+    output_dir: str | None = _help("Where the curated dataset goes. Default: <run_dir>/curated (a local path "
+                                   "is required when run_dir is a URL).", default=None)
+    # --- problems (default: what tracegen read, from <run_dir>/tracegen.config.yaml) -------------------
+    problems: str | None = _help(
+        "Problem source (JSONL, Parquet, dataset folder or hub name) holding the gold answers and tests. "
+        "Default: the `problems` of <run_dir>/tracegen.config.yaml, with its column_map and defaults.",
+        default=None)
+    problems_split: str | None = _help("Split of a Hugging Face dataset. Default: tracegen's.", default=None)
+    problems_config: str | None = _help("Config (subset) of a Hugging Face dataset. Default: tracegen's.",
+                                        default=None)
+    problems_revision: str | None = _help("Pinned revision of a hub dataset. Default: tracegen's.", default=None)
+    column_map: dict | str | None = _help("Problem field -> source column (as in tracegen). Default: tracegen's.",
+                                          default=None)
+    problem_defaults: dict | str | None = _help("Values for Problem fields the source lacks. Default: tracegen's.",
+                                                default=None)
+    # --- labels ---------------------------------------------------------------------------------------
+    workers: int | None = _help("Grader processes/threads (math and code). Default: the CPU count.", default=None)
+    math_timeout_s: float = _help("Seconds one math answer check may take (then: verdict timeout).", default=5.0)
+    repetition_ngram: int = _help(
+        "n of the word n-grams behind `quality.repetition` (share of a trace's n-grams that repeat an earlier "
+        "one). 8 words: ordinary restating stays low, a looping trace goes to ~1.", default=8)
+    relabel: bool = _help("Drop every label table and label all traces again (after changing a label "
+                          "setting such as repetition_ngram or the problems). Default: label only new traces.",
+                          default=False)
+    dedup_threshold: float = _help("Estimated Jaccard similarity at which two problems are near-duplicates.",
+                                   default=0.8)
+    dedup_num_perm: int = _help("MinHash permutations for near-duplicate problems.", default=128)
+    dedup_shingle: int = _help("Word shingle size for near-duplicate problems.", default=5)
+    contamination_benchmarks: list[str] | None = _help(
+        f"Benchmarks whose problems must not be trained on (word n-gram overlap). Default: {', '.join(PUBLIC_BENCHMARKS)}"
+        "; [] turns the check off. Names as in evals (toy, ...).", default=None)
+    benchmarks_dir: str | None = _help(
+        "Local copies of the benchmarks (evals' data_dir layout, e.g. ../shared/benchmarks). Default: the "
+        "pinned Hugging Face hub datasets.", default=None)
+    contamination_ngram: int = _help("Word n-gram size of the contamination check.", default=8)
+    # --- rules (thresholds become DuckDB variables: getvariable('<field>') in the rule files) ----------
+    rules_dir: list[str] | None = _help(
+        "Folders of extra rule files (NNN_<reason>.sql, each a SELECT of the trace_ids to reject), run with "
+        "filter/rules/ in file-name order; a file named like a default rule replaces it.", default=None)
+    disable_rules: list[str] | None = _help("Reasons of rules not to run, e.g. [language_mixing].", default=None)
+    views_dir: list[str] | None = _help(
+        "Folders (or .sql files) of the recipe's own views, run after labeling and before the rules, so rules "
+        "and queries can use them.", default=None)
+    drop_unverifiable: bool = _help("Also reject traces that cannot be verified (no gold answer / no tests).",
+                                    default=False)
+    max_repetition: float | None = _help("Reject traces whose repetition is above this (null: off).", default=0.5)
+    max_language_mixing: float | None = _help(
+        "Reject traces with more than this share of letters in scripts other than the prompt's (Latin and Greek "
+        "always count as the prompt's: formulas and code use them). null: off.", default=0.02)
+    min_mean_logprob: float | None = _help(
+        "Reject traces whose mean sampled-token logprob is below this (only traces with logprobs; null: off).",
+        default=-1.5)
+    min_token_logprob: float | None = _help(
+        "Reject traces with a sampled token below this logprob (null: off).", default=None)
+    max_mean_entropy: float | None = _help(
+        "Reject traces whose mean top-k entropy (nats) is above this (null: off).", default=None)
+    # --- selection (after the rules) ------------------------------------------------------------------
+    max_per_problem: int | None = _help("Keep at most k traces per problem (null: all).", default=None)
+    select_by: str = _help("Which k: shortest (fewest completion tokens) or most_confident (highest mean "
+                           "logprob).", default="shortest")
+    balance_difficulty: bool = _help(
+        "Equal counts per difficulty (meta.difficulty; null is its own level): as many as the smallest level "
+        "has, or max_per_difficulty.", default=False)
+    max_per_difficulty: int | None = _help("Cap of traces per difficulty level (implies balancing).",
+                                           default=None)
+    token_budget: int | None = _help("Keep traces (in seeded random order) while the total completion tokens "
+                                     "fit this budget.", default=None)
+    seed: int = _help("Seed of every random choice in the selection.", default=0)
+    # --- export ---------------------------------------------------------------------------------------
+    reasoning_format: str = _help(
+        "think_tags: the assistant content is '<think>\\n{reasoning}\\n</think>\\n\\n{answer}' (any chat "
+        "template); field: content is the answer and `reasoning_content` the reasoning.", default="think_tags")
+    rows_per_file: int = _help("Rows per exported Parquet file.", default=100_000)
+
+    def __post_init__(self):
+        for name in ("column_map", "problem_defaults"):
+            setattr(self, name, _json_dict(name, getattr(self, name)))
+        if not self.run_dir:
+            raise ConfigError("run_dir: required (the tracegen output_dir, e.g. runs/<name>)")
+        self.run_dir = self.run_dir.rstrip("/")
+        if not is_url(self.run_dir) and not Path(self.run_dir).is_dir():
+            raise ConfigError(f"run_dir: {self.run_dir}: no such directory")
+        if is_url(self.run_dir) and not (self.db and self.output_dir):
+            raise ConfigError("db / output_dir: required when run_dir is a URL (both are local paths)")
+        self.db = self.db or f"{self.run_dir}/curation.duckdb"
+        self.output_dir = self.output_dir or f"{self.run_dir}/curated"
+        if self.contamination_benchmarks is None:
+            self.contamination_benchmarks = list(PUBLIC_BENCHMARKS)
+        if self.select_by not in SELECT_BY:
+            raise ConfigError(f"select_by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise ConfigError(f"reasoning_format: {self.reasoning_format!r} is not one of "
+                              f"{', '.join(REASONING_FORMATS)}")
+        for name in ("repetition_ngram", "dedup_num_perm", "dedup_shingle", "contamination_ngram", "rows_per_file"):
+            _at_least(name, getattr(self, name), 1)
+        for name in ("max_per_problem", "max_per_difficulty", "token_budget", "workers"):
+            if getattr(self, name) is not None:
+                _at_least(name, getattr(self, name), 1)
+        if not 0 < self.dedup_threshold <= 1:
+            raise ConfigError(f"dedup_threshold: {self.dedup_threshold} is not within (0, 1]")
+        if self.math_timeout_s <= 0:
+            raise ConfigError(f"math_timeout_s: must be > 0, got {self.math_timeout_s}")
+        for name in ("rules_dir", "views_dir"):
+            for path in getattr(self, name) or []:
+                if not Path(path).exists():
+                    raise ConfigError(f"{name}: no such folder or file: {path}")
+
+    @property
+    def thresholds(self) -> dict:
+        """The values rule files read with getvariable('<name>')."""
+        names = ("drop_unverifiable", "max_repetition", "max_language_mixing", "min_mean_logprob",
+                 "min_token_logprob", "max_mean_entropy")
+        return {name: getattr(self, name) for name in names}
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+        tmp.replace(path)
+
+
+def _json_dict(name: str, value):
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}: not a JSON object: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _at_least(name: str, value, low) -> None:
+    if value < low:
+        raise ConfigError(f"{name}: must be >= {low}, got {value}")
+
+
+def parse_config(argv: list[str] | None = None) -> FilterConfig:
+    """--config file.yaml plus --field value overrides; unknown keys and abbreviations are errors."""
+    from trl import TrlParser  # light: only the parser, not the trainers
+
+    parser = TrlParser([FilterConfig], allow_abbrev=False, prog="python -m filter")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    if config_path and not Path(config_path).is_file():
+        raise ConfigError(f"--config: no such file: {config_path}")
+    try:
+        (cfg,) = parser.parse_args_and_config(argv)
+    except ConfigError:
+        raise
+    except (ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+    return cfg
