@@ -35,10 +35,11 @@ class FilterConfig:
                            "is a URL: the database is always a local file).", default=None)
     output_dir: str | None = _help("Where the curated dataset goes. Default: <run_dir>/curated (a local path "
                                    "is required when run_dir is a URL).", default=None)
-    # --- problems (default: what tracegen read, from <run_dir>/tracegen.config.yaml) -------------------
+    # --- problems (default: those tracegen kept in <run_dir>/problems/, else its tracegen.config.yaml) ---
     problems: str | None = _help(
         "Problem source (JSONL, Parquet, dataset folder or hub name) holding the gold answers and tests. "
-        "Default: the `problems` of <run_dir>/tracegen.config.yaml, with its column_map and defaults.",
+        "Default: the problems tracegen kept in <run_dir>/problems/ (else those <run_dir>/tracegen.config.yaml "
+        "names, with its column_map and defaults).",
         default=None)
     problems_split: str | None = _help("Split of a Hugging Face dataset. Default: tracegen's.", default=None)
     problems_config: str | None = _help("Config (subset) of a Hugging Face dataset. Default: tracegen's.",

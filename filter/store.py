@@ -25,6 +25,7 @@ from types import SimpleNamespace
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
 from filter.config import ConfigError, FilterConfig, is_url
@@ -168,9 +169,10 @@ def update_problems(con, cfg: FilterConfig) -> int:
         return 0
     from tracegen.problems import ProblemError, load_problems
 
-    source = problem_source(cfg)
+    kept = None if cfg.problems or is_url(cfg.run_dir) else run_problems(Path(cfg.run_dir))
+    source = SimpleNamespace(problems=f"{cfg.run_dir}/problems") if kept is not None else problem_source(cfg)
     try:
-        rows = [_problem_row(p) for p in load_problems(source) if p["id"] in wanted]
+        rows = [_problem_row(p) for p in (kept if kept is not None else load_problems(source)) if p["id"] in wanted]
     except ProblemError as e:
         raise FilterError(str(e)) from None
     con.register("new_problems", pa.Table.from_pylist(rows, schema=PROBLEM_COLUMNS))
@@ -181,6 +183,25 @@ def update_problems(con, cfg: FilterConfig) -> int:
         log.warning("%d problem ids of the traces are not in %s: their traces get verdict 'error'", missing,
                     source.problems)
     return len(rows)
+
+
+def run_problems(run_dir: Path) -> list[dict] | None:
+    """The problems tracegen kept in <run_dir>/problems/*.parquet (None for runs made before it kept them)."""
+    files = sorted(run_dir.glob("problems/*.parquet"))
+    if not files:
+        return None
+    problems = {}
+    for file in files:
+        for row in pq.read_table(file).to_pylist():
+            p = {**row, "tests": _json(row["tests"]), "meta": _json(row["meta"])}
+            if problems.setdefault(p["id"], p) != p:
+                raise FilterError(f"{file}: problem {p['id']!r} differs from the one with that id in another file of "
+                                  f"{run_dir}/problems (give each source an id_prefix in tracegen)")
+    return list(problems.values())
+
+
+def _json(text: str | None):
+    return None if text is None else json.loads(text)
 
 
 def problem_source(cfg: FilterConfig) -> SimpleNamespace:
