@@ -4,7 +4,7 @@
 PY     := .venv/bin/python
 STAMP  := .venv/.installed
 
-.PHONY: setup quickstart test test-fast lint bench-tracegen clean
+.PHONY: setup quickstart quickstart-ci test test-fast lint bench-tracegen clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: setup
-	$(PY) -m data.toyworld build --out cache/toyworld
-	$(PY) -m tracegen --config recipes/quickstart/tracegen.yaml
+	$(PY) recipes/quickstart/run.py
+
+quickstart-ci: setup
+	$(PY) recipes/quickstart/run.py --size ci --run_dir runs/quickstart-ci --world cache/toyworld-ci
 
 test: setup
 	$(PY) -m pytest -q

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = dataset.remove_columns("length")
         # --- train (resuming from the last checkpoint) -----------------------------------------------------
         trainer = build_trainer(args, training_args, model_args, tokenizer, dataset)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # sft/kd raises ValueError naming the setting or file
         log.error("%s", e)
         return 2
     last = last_checkpoint(training_args.output_dir)
@@ -111,20 +111,16 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
     peft_config = get_peft_config(model_args)
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                   peft_config=peft_config)
+    kd = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, kd_chunk_size=args.kd_chunk_size)
     if args.kd == "sparse":
         from sft.kd import SparseKDTrainer
-        from sft.kd_data import KDCollator
 
-        return SparseKDTrainer(**common, data_collator=KDCollator(tokenizer.pad_token_id),
-                               kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature,
-                               kd_chunk_size=args.kd_chunk_size)
+        return SparseKDTrainer(**common, **kd)  # its collator pads the teacher's top-k too
     if args.kd == "online":
         from sft.kd import build_online_kd_trainer
 
         return build_online_kd_trainer(model, args.teacher_model, training_args, dataset, tokenizer, peft_config,
-                                       alpha=args.kd_alpha, temperature=args.kd_temperature,
-                                       divergence=args.kd_divergence, beta=args.kd_jsd_beta,
-                                       chunk_size=args.kd_chunk_size)
+                                       kd_divergence=args.kd_divergence, kd_jsd_beta=args.kd_jsd_beta, **kd)
     return SFTTrainer(**common)
 
 

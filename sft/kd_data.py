@@ -1,0 +1,168 @@
+"""The sparse-KD dataset: curated rows joined with the teacher's stored top-k logprobs, and its collator.
+
+`prepare_kd_dataset` turns each curated row (data/README.md: `messages`, `trace_id`, `completion_token_ids`,
+`logprobs_file`) into a pre-tokenized training example that TRL's SFTTrainer passes through untouched:
+
+    input_ids             the chat template's prompt ids (messages[:-1] + generation prompt) followed by the
+                          teacher's EXACT completion token ids (never re-tokenized text: the teacher's logprobs
+                          refer to its own ids, and text -> ids is not one-to-one)
+    completion_mask       1 on the completion tokens
+    labels                the completion ids, -100 on the prompt
+    teacher_top_ids       [T][K] per input position, the teacher's top-k ids for the token AT that position;
+                          -1 pads (every prompt position, duplicates, rows with fewer entries)
+    teacher_top_logprobs  [T][K] float16, their logprobs (temperature 1, as sampled); -inf pads
+
+The logprobs side table (`logprobs/part-*.parquet`: trace_id, token_ids, logprobs, top_ids, top_logprobs) is read
+with pyarrow, one filtered read per file and map batch. vLLM's top-k list holds the k most likely tokens plus the
+sampled one when it is not among them, unsorted, so a position has k or k+1 entries; an id listed twice is kept
+once. A row without logprobs, or whose logprob `token_ids` differ from `completion_token_ids`, is an error that
+names the trace and the file: silently training on CE only would hide a broken export.
+"""
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+from datasets import Dataset
+
+KD_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs")
+REQUIRED_COLUMNS = ("messages", "trace_id", "completion_token_ids", "logprobs_file")
+
+
+def prepare_kd_dataset(dataset: Dataset, tokenizer, curated_dir: Path, chat_template: str | None = None,
+                       batch_size: int = 256) -> Dataset:
+    """Pre-tokenized KD examples (columns above) for every curated row; the curated columns are kept."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{curated_dir}: the curated set has no column {', '.join(missing)}; kd: sparse needs a curated export "
+            "that carries the teacher's token ids and logprobs (tracegen with top_logprobs > 0)")
+    return dataset.map(
+        _kd_batch, batched=True, batch_size=batch_size, desc="Joining teacher logprobs",
+        fn_kwargs={"tokenizer": tokenizer, "curated_dir": Path(curated_dir), "chat_template": chat_template})
+
+
+def _kd_batch(batch: dict, tokenizer, curated_dir: Path, chat_template: str | None) -> dict:
+    logprobs = read_logprobs(curated_dir, batch["logprobs_file"], batch["trace_id"])
+    out = {name: [] for name in ("input_ids", "completion_mask", "labels", *KD_COLUMNS)}
+    for messages, trace_id, completion, file in zip(
+            batch["messages"], batch["trace_id"], batch["completion_token_ids"], batch["logprobs_file"],
+            strict=True):
+        row = logprobs[trace_id]
+        if list(row["token_ids"]) != list(completion):
+            raise ValueError(f"trace {trace_id}: completion_token_ids differ from the token_ids in {file}; the "
+                             "curated export and the logprobs side table disagree")
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError(f"trace {trace_id}: the last message is not the assistant turn")
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                               return_dict=False, chat_template=chat_template)
+        top_ids, top_logprobs = row["top_ids"], row["top_logprobs"]
+        pad_ids = np.full((len(prompt), top_ids.shape[1]), -1, dtype=np.int32)
+        pad_logprobs = np.full(pad_ids.shape, -np.inf, dtype=np.float16)
+        out["input_ids"].append(list(prompt) + list(completion))
+        out["completion_mask"].append([0] * len(prompt) + [1] * len(completion))
+        out["labels"].append([-100] * len(prompt) + list(completion))
+        out["teacher_top_ids"].append(np.concatenate([pad_ids, top_ids]))
+        out["teacher_top_logprobs"].append(np.concatenate([pad_logprobs, top_logprobs]))
+    return out
+
+
+def read_logprobs(curated_dir: Path, files: list[str | None], trace_ids: list[str]) -> dict[str, dict]:
+    """trace_id -> {token_ids, top_ids [C, K] int32 (-1 pads), top_logprobs [C, K] float16 (-inf pads)}."""
+    by_file = defaultdict(list)
+    for file, trace_id in zip(files, trace_ids, strict=True):
+        if file is None:
+            raise ValueError(f"trace {trace_id}: logprobs_file is null, the teacher's logprobs were not recorded; "
+                             "kd: sparse needs them for every row (drop such rows in filter, or use kd: none)")
+        by_file[file].append(trace_id)
+    found = {}
+    for file, ids in by_file.items():
+        path = Path(curated_dir) / file
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the logprobs_file of trace {ids[0]} does not exist")
+        table = pads.dataset(path, format="parquet").to_table(
+            columns=["trace_id", "token_ids", "top_ids", "top_logprobs"],
+            filter=pads.field("trace_id").isin(ids))
+        for i, trace_id in enumerate(table.column("trace_id").to_pylist()):
+            if trace_id not in found:  # a rerun may have written a trace twice; both rows are the same sample
+                found[trace_id] = _logprob_row(table, i)
+        lost = [t for t in ids if t not in found]
+        if lost:
+            raise ValueError(f"{path}: no logprobs for {len(lost)} trace(s) that name this file, e.g. {lost[:3]}")
+    return found
+
+
+def _logprob_row(table: pa.Table, i: int) -> dict:
+    token_ids = table.column("token_ids")[i].values.to_numpy(zero_copy_only=False)
+    top_ids = _padded(table.column("top_ids")[i].values, -1, np.int32)
+    top_logprobs = _padded(table.column("top_logprobs")[i].values, -np.inf, np.float16)
+    if len(top_ids) != len(token_ids):
+        raise ValueError(f"trace {table.column('trace_id')[i]}: {len(token_ids)} token_ids but {len(top_ids)} "
+                         "top-k lists")
+    top_ids, top_logprobs = _dedupe(top_ids, top_logprobs)
+    return {"token_ids": token_ids, "top_ids": top_ids, "top_logprobs": top_logprobs}
+
+
+def _padded(lists: pa.ListArray, fill, dtype) -> np.ndarray:
+    """A list<list<x>> cell as a [C, K] array (K the longest inner list), short lists padded with `fill`."""
+    offsets = lists.offsets.to_numpy()
+    values = lists.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    lengths = np.diff(offsets)
+    out = np.full((len(lengths), int(lengths.max(initial=0))), fill, dtype=dtype)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    out[rows, cols] = values
+    return out
+
+
+def _dedupe(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pad out every repeat of an id within a position (vLLM may list the sampled token twice)."""
+    order = np.argsort(ids, axis=1, kind="stable")  # stable: the first listing of an id is the one kept
+    ranked = np.take_along_axis(ids, order, axis=1)
+    repeat_ranked = np.zeros(ranked.shape, dtype=bool)
+    repeat_ranked[:, 1:] = (ranked[:, 1:] == ranked[:, :-1]) & (ranked[:, 1:] >= 0)
+    repeat = np.empty_like(repeat_ranked)
+    np.put_along_axis(repeat, order, repeat_ranked, axis=1)
+    ids, logprobs = ids.copy(), logprobs.copy()
+    ids[repeat], logprobs[repeat] = -1, -np.inf
+    return ids, logprobs
+
+
+@dataclass
+class KDCollator:
+    """Pads a batch of prepare_kd_dataset examples: input_ids/attention_mask/labels [B, T] and the teacher's
+    top-k [B, T, K] (ids -1, logprobs -inf where there is none; logprobs as float32)."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(e["input_ids"]) for e in examples)
+        width = max(max((len(r) for r in e["teacher_top_ids"]), default=0) for e in examples)
+        batch = {
+            "input_ids": torch.full((len(examples), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+            "labels": torch.full((len(examples), length), -100, dtype=torch.long),
+            "teacher_top_ids": torch.full((len(examples), length, width), -1, dtype=torch.long),
+            "teacher_top_logprobs": torch.full((len(examples), length, width), -torch.inf, dtype=torch.float32),
+        }
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            if len(e["teacher_top_ids"]) != n:
+                raise ValueError(
+                    f"an example has {n} input_ids but teacher logprobs for {len(e['teacher_top_ids'])} positions: "
+                    "it was truncated after prepare_kd_dataset (max_length shorter than the example?)")
+            batch["input_ids"][i, :n] = torch.as_tensor(e["input_ids"])
+            batch["attention_mask"][i, :n] = 1
+            labels = e.get("labels")
+            if labels is None:
+                labels = [t if m else -100 for t, m in zip(e["input_ids"], e["completion_mask"], strict=True)]
+            batch["labels"][i, :n] = torch.as_tensor(labels)
+            ids = np.asarray(e["teacher_top_ids"], dtype=np.int64).reshape(n, -1)
+            batch["teacher_top_ids"][i, :n, : ids.shape[1]] = torch.from_numpy(ids)
+            logprobs = np.asarray(e["teacher_top_logprobs"], dtype=np.float32).reshape(n, -1)
+            batch["teacher_top_logprobs"][i, :n, : logprobs.shape[1]] = torch.from_numpy(logprobs)
+        return batch
