@@ -32,10 +32,18 @@ def load_curated(path: str, split: str = "train") -> datasets.Dataset:
             return datasets.load_dataset(path, split=split)
         except Exception as e:  # datasets raises many types; all mean "cannot load this"
             raise ConfigError(f"dataset: cannot load {path!r} [{split}]: {e}") from None
-    dataset = datasets.load_dataset("parquet", data_files=files, split="train")
+    dataset = datasets.load_dataset("parquet", data_files=files, split="train") if _rows(files) else None
+    if dataset is None:
+        raise ConfigError(f"dataset: {path} has no rows (did filter reject every trace? see its funnel.json)")
     if "messages" not in dataset.column_names:
         raise ConfigError(f"dataset: {path} has no `messages` column (columns: {dataset.column_names})")
     return dataset
+
+
+def _rows(files: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 def training_template(tokenizer, path: str | None) -> str:

@@ -91,7 +91,11 @@ def prepare(dataset, tokenizer, template: str, args):
         from sft.kd_data import prepare_kd_dataset
 
         teacher = args.teacher_model or dataset[0].get("teacher_model")
-        check_same_tokenizer(tokenizer, teacher)
+        try:
+            check_same_tokenizer(tokenizer, teacher)
+        except OSError as e:  # e.g. the served name a server reported, not a loadable path or hub id
+            raise ConfigError(f"teacher_model: cannot load the teacher's tokenizer from {teacher!r} ({e}); set "
+                              "teacher_model to the teacher's model directory or hub name") from None
         curated_dir = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
         dataset = prepare_kd_dataset(dataset, tokenizer, curated_dir, template)
         return dataset.map(lambda ids: {"length": len(ids)}, input_columns="input_ids")

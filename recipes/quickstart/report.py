@@ -9,11 +9,13 @@ Reads <run>/evals/scores.json (evals), <run>/curated/funnel.json and <run>/curat
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import duckdb
 import matplotlib
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere: the repo's stages
 from filter.card import HEADER, funnel_rows
 
 matplotlib.use("Agg")  # files only, no display

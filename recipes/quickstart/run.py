@@ -29,7 +29,8 @@ PY = sys.executable
 SIZES = {
     "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1200, "problems": 1500, "n": 4,
              "student_epochs": 2, "eval_problems": 200, "eval_n": 4},
-    "ci": {"n_train": 600, "n_test": 40, "teacher_steps": 60, "problems": 40, "n": 2,
+    # 600 train problems seen ~7 times: the CI teacher memorizes them, so its traces are often right
+    "ci": {"n_train": 600, "n_test": 40, "teacher_steps": 250, "problems": 60, "n": 4,
            "student_epochs": 1, "eval_problems": 20, "eval_n": 2},
 }
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
@@ -63,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     # --- 5. students ------------------------------------------------------------------------------------------
     for name in STUDENTS:
         data = run / ("unfiltered" if name == "unfiltered" else "curated")
+        kd = ["--teacher_model", teacher] if name.endswith("-kd") else []  # its tokenizer must be the student's
         stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
               "--model_name_or_path", world / "student-init", "--output_dir", run / "checkpoints" / name,
-              "--num_train_epochs", size["student_epochs"])
+              "--num_train_epochs", size["student_epochs"], *kd)
     # --- 6. evals ------------------------------------------------------------------------------------------------
     for name in ("teacher", *STUDENTS):
         stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(run, world, name),

@@ -116,6 +116,11 @@ def test_config_errors_name_the_field(toyworld, curated, tmp_path, caplog):
     assert "dataset: required" in caplog.text
     assert run(toyworld, tmp_path / "nothing-here", tmp_path / "z") == 2
     assert "nothing-here" in caplog.text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pq.read_table(next(curated.glob("*.parquet"))).slice(0, 0), empty / "train-00000.parquet")
+    assert run(toyworld, empty, tmp_path / "v") == 2
+    assert "has no rows (did filter reject every trace?" in caplog.text
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"dataset: {curated}\nmodel_name_or_path: {toyworld.student}\nlerning_rate: 0.1\n")
     assert main(["--config", str(bad), "--output_dir", str(tmp_path / "w")]) == 2

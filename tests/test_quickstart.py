@@ -1,0 +1,67 @@
+"""The quickstart (recipes/quickstart/run.py) end to end at CI size: the same stages and code path as
+`make quickstart`, fewer problems and steps. Asserts the pipeline's invariants, not accuracies."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import duckdb
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("teacher", "unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("quickstart")
+    run_dir = base / "run"
+    done = subprocess.run([sys.executable, "recipes/quickstart/run.py", "--size", "ci", "--run_dir", str(run_dir),
+                           "--world", str(base / "world")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return run_dir
+
+
+def test_report_has_every_section_and_plot(run):
+    report = (run / "report.md").read_text()
+    for section in ("## Models on the held-out split", "## Curation funnel", "## Teacher traces", "## Training",
+                    "## Time per stage", "## Plots"):
+        assert section in report
+    for plot in ("accuracy.png", "trace_length.png", "pass_rate_by_difficulty.png"):
+        assert (run / plot).stat().st_size > 1000 and f"]({plot})" in report
+    for model in MODELS:
+        assert f"| {model} |" in report
+
+
+def test_counts_line_up_across_stages(run):
+    summary = json.loads((run / "tracegen.summary.json").read_text())
+    assert summary["samples_done"] == summary["samples_expected"] == summary["problems"] * summary["n"]
+    funnel = json.loads((run / "curated" / "funnel.json").read_text())
+    assert funnel["rows_in"] == summary["samples_done"]
+    assert funnel["rows_in"] - sum(r["first_applicable"] for r in funnel["rules"]) == funnel["kept"]
+    curated = datasets.load_dataset("parquet", data_files=str(run / "curated" / "*.parquet"), split="train")
+    unfiltered = datasets.load_dataset("parquet", data_files=str(run / "unfiltered" / "*.parquet"), split="train")
+    assert len(curated) == funnel["exported"] <= funnel["kept"] and len(unfiltered) > len(curated)
+    with duckdb.connect(str(run / "curation.duckdb"), read_only=True) as con:
+        kept = con.sql("SELECT trace_id FROM curated").fetchall()
+        verdicts = dict(con.sql("SELECT trace_id, verdict FROM verified").fetchall())
+    assert len(kept) == funnel["kept"]
+    assert set(curated["trace_id"]) <= {t for (t,) in kept}
+    assert {verdicts[t] for t in curated["trace_id"]} == {"correct"}  # every kept trace is verified
+    assert all(ids for ids in curated["completion_token_ids"])  # the teacher's tokens ride along for KD
+
+
+def test_every_model_is_scored_with_its_protocol(run):
+    scores = json.loads((run / "evals" / "scores.json").read_text())
+    assert set(scores) == set(MODELS)
+    for name in MODELS:
+        toy = scores[name]["toy"]
+        assert toy["num_samples"] == toy["n"] * toy["num_problems"]
+        assert {"temperature", "top_p", "max_tokens", "grader"} <= set(toy["protocol"])
+        assert 0.0 <= toy["pass@1"] <= toy["pass@k"] <= 1.0
+    assert (run / "checkpoints" / "filtered-lora" / "adapter_config.json").is_file()
+    timings = json.loads((run / "timings.json").read_text())
+    assert {"world", "sft teacher", "tracegen", "filter"} <= set(timings)
