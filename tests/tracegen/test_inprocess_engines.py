@@ -117,7 +117,7 @@ def test_vllm_offline_engine_agrees_with_hf(toyworld, tmp_path):
             lp = lps[t["trace_id"]]
             first.setdefault(t["problem_id"], []).append((lp["top_ids"][0], lp["top_logprobs"][0]))
     for problem_id, rows in first.items():
-        ids = {tuple(r[0]) for r in rows}
-        assert len(ids) == 1, (problem_id, ids)
-        values = [r[1] for r in rows]
-        assert max(abs(a - b) for v in values for a, b in zip(v, values[0], strict=True)) < 0.05
+        # the same top-k set with the same logprobs; the order of near-ties may differ between engines
+        by_id = [dict(zip(ids, values, strict=True)) for ids, values in rows]
+        assert all(d.keys() == by_id[0].keys() for d in by_id), (problem_id, [list(d) for d in by_id])
+        assert max(abs(d[i] - by_id[0][i]) for d in by_id for i in d) < 0.05
