@@ -29,9 +29,10 @@ PY = sys.executable
 SIZES = {
     "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1200, "problems": 1500, "n": 4,
              "student_epochs": 2, "eval_problems": 200, "eval_n": 4},
-    # 600 train problems seen ~7 times: the CI teacher memorizes them, so its traces are often right
-    "ci": {"n_train": 600, "n_test": 40, "teacher_steps": 250, "problems": 60, "n": 4,
-           "student_epochs": 1, "eval_problems": 20, "eval_n": 2},
+    # the full world (a teacher trained on 600 problems memorizes them and fails held-out ones: its traces were
+    # almost all wrong and the curated set came out empty) and the full teacher; fewer traces, students, evals
+    "ci": {"n_train": 10000, "n_test": 100, "teacher_steps": 1200, "problems": 200, "n": 4,
+           "student_epochs": 1, "eval_problems": 40, "eval_n": 2},
 }
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
 
