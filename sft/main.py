@@ -54,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         save_merged(trainer.model, tokenizer, out / "merged")
     metrics = write_metrics(out, trainer, result, len(dataset), dropped, training_args.max_length,
                             time.monotonic() - start, resumed_from=last)
-    log.info("done: %d examples, final loss %.4f, %.0f tokens/s -> %s", metrics["examples"],
-             metrics["train_loss"], metrics["tokens_per_s"], out)
+    log.info("done: %d examples, last logged loss %s (mean over the run %.4f), %.0f tokens/s -> %s",
+             metrics["examples"], _fmt(metrics["last_logged_loss"]), metrics["train_loss"], metrics["tokens_per_s"], out)
     return 0
+
+
+def _fmt(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
 
 
 def derive_defaults(training_args, set_by_user: set[str]) -> None:

@@ -27,12 +27,12 @@ RECIPE = Path(__file__).resolve().parent
 PY = sys.executable
 # What changes between the full run and the CI run: only sizes, never the code path.
 SIZES = {
-    "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1200, "problems": 1500, "n": 4,
-             "student_epochs": 2, "eval_problems": 200, "eval_n": 4},
+    "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1200, "problems": 1000, "n": 4,
+             "student_steps": 300, "eval_problems": 200, "eval_n": 4},
     # the full world (a teacher trained on 600 problems memorizes them and fails held-out ones: its traces were
     # almost all wrong and the curated set came out empty) and the full teacher; fewer traces, students, evals
     "ci": {"n_train": 10000, "n_test": 100, "teacher_steps": 1200, "problems": 200, "n": 4,
-           "student_epochs": 1, "eval_problems": 40, "eval_n": 2},
+           "student_steps": 40, "eval_problems": 40, "eval_n": 2},
 }
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         kd = ["--teacher_model", teacher] if name.endswith("-kd") else []  # its tokenizer must be the student's
         stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
               "--model_name_or_path", world / "student-init", "--output_dir", run / "checkpoints" / name,
-              "--num_train_epochs", size["student_epochs"], *kd)
+              "--max_steps", size["student_steps"], *kd)
     # --- 6. evals ------------------------------------------------------------------------------------------------
     for name in ("teacher", *STUDENTS):
         stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(run, world, name),
