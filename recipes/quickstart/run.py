@@ -28,7 +28,7 @@ PY = sys.executable
 # What changes between the full run and the CI run: only sizes, never the code path.
 SIZES = {
     "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1200, "problems": 1000, "n": 4,
-             "student_steps": 300, "eval_problems": 200, "eval_n": 4},
+             "student_steps": 600, "eval_problems": 200, "eval_n": 4},
     # the full world (a teacher trained on 600 problems memorizes them and fails held-out ones: its traces were
     # almost all wrong and the curated set came out empty) and the full teacher; fewer traces, students, evals
     "ci": {"n_train": 10000, "n_test": 100, "teacher_steps": 1200, "problems": 200, "n": 4,
