@@ -75,6 +75,22 @@ def load_benchmark(name: str, data_dir: str | None = None, custom: dict | None =
     return Benchmark(name, domain, problems[:limit], source)
 
 
+def benchmark_source(name: str, data_dir: str | None = None, custom: dict | None = None) -> str | None:
+    """What `load_benchmark` records as the benchmark's source (a local file with its sha256, a pinned hub
+    revision, a versioned release URL) without parsing the data; None when only loading can tell (a hub set
+    without a pinned revision). Caches of data derived from a benchmark key on it."""
+    if name not in PUBLIC:
+        path = _custom_path(name, (custom or {})[name])
+        return f"{path} (sha256 {_sha256(path)})"
+    _, rel, hub = PUBLIC[name]
+    if data_dir is not None:
+        path = _local_path(data_dir, rel)
+        return f"{path} (sha256 {_sha256(path)})"
+    if isinstance(hub, str):
+        return hub
+    return f"{hub[0]}@{hub[3]}" if hub[3] else None
+
+
 def max_tokens_for(name: str) -> int:
     return DEFAULT_MAX_TOKENS.get(name, R1_MAX_TOKENS)
 
@@ -85,11 +101,15 @@ def max_tokens_for(name: str) -> int:
 def _public_rows(name: str, data_dir: str | None):
     domain, rel, hub = PUBLIC[name]
     if data_dir is None:
-        return domain, _hub_rows(name, hub), hub if isinstance(hub, str) else f"{hub[0]}@{hub[3] or 'main'}"
+        return domain, _hub_rows(name, hub), benchmark_source(name) or f"{hub[0]}@main"
+    return domain, list(_read_jsonl(_local_path(data_dir, rel))), benchmark_source(name, data_dir)
+
+
+def _local_path(data_dir: str, rel: str) -> Path:
     path = Path(data_dir) / rel
     if not path.is_file():
         raise InputError(f"data_dir: {path}: no such file (layout: <data_dir>/{rel})")
-    return domain, list(_read_jsonl(path)), f"{path} (sha256 {_sha256(path)})"
+    return path
 
 
 def _read_jsonl(path: Path):
@@ -122,16 +142,21 @@ def _hub_rows(name: str, hub) -> list[tuple[str, dict]]:
 
 
 def _custom_problems(name: str, path: str) -> tuple[list[dict], str]:
+    _custom_path(name, path)
+    try:
+        problems = load_problems(SimpleNamespace(problems=path, column_map=None, problem_defaults=None))
+    except ProblemError as e:
+        raise InputError(str(e)) from None
+    return problems, benchmark_source(name, custom={name: path})
+
+
+def _custom_path(name: str, path: str) -> Path:
     if not Path(path).is_file():
         hint = " (build it: python -m data.toyworld build --out cache/toyworld)" if name == "toy" else ""
         raise InputError(f"custom_benchmarks: {name}: {path}: no such file{hint}")
     if Path(path).suffix not in (".jsonl", ".json", ".parquet"):
         raise InputError(f"custom_benchmarks: {name}: {path} is not a .jsonl or .parquet Problem file")
-    try:
-        problems = load_problems(SimpleNamespace(problems=path, column_map=None, problem_defaults=None))
-    except ProblemError as e:
-        raise InputError(str(e)) from None
-    return problems, f"{path} (sha256 {_sha256(Path(path))})"
+    return Path(path)
 
 
 def _sha256(path: Path) -> str:

@@ -3,9 +3,8 @@
     from filter.dedup import label_duplicates
     label_duplicates(con, threshold=0.8, num_perm=128, shingle=5)   # reads `problems`, fills `dup_problems`
 
-Normalized text: the lowercased words (maximal runs of letters, digits and `_`, DuckDB
-`regexp_extract_all(lower(prompt), '[\\pL\\pN_]+')`, as in filter/contamination.py) joined by one space, so
-case, whitespace and punctuation never matter ("What is 2+2?" == "what is 2 + 2"). Its md5 (`norm_hash`, 16
+Normalized text: the words (filter/words.py: lowercased runs of `\\w`, as filter/contamination.py's) joined
+by one space, so case, whitespace and punctuation never matter ("What is 2+2?" == "what is 2 + 2"). Its md5 (`norm_hash`, 16
 hex digits) groups exact duplicates.
 
 Near duplicates: every problem gets a MinHash signature of its word `shingle`-grams (words hashed by
@@ -34,10 +33,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from filter.words import VERSION as WORDS_VERSION
+from filter.words import WORDS, words_sql
+
 log = logging.getLogger(__name__)
 
-WORD_SQL = r"[\pL\pN_]+"  # as filter/contamination.py: letters, digits (any script) and _
-MINHASH_VERSION = "minhash-v1"  # bump when the hashing below changes: stored signatures are then recomputed
+MINHASH_VERSION = f"minhash-v1 {WORDS_VERSION}"  # bump when the hashing changes: stored signatures are recomputed
 _CHUNK_SHINGLES = 50_000  # shingles hashed per numpy batch (x num_perm x 8 bytes x ~3 of temporary memory)
 
 DUP_PROBLEMS = """CREATE TABLE IF NOT EXISTS dup_problems (problem_id VARCHAR PRIMARY KEY, norm_hash VARCHAR,
@@ -87,10 +88,11 @@ def label_duplicates(con: duckdb.DuckDBPyConnection, *, threshold: float = 0.8, 
 def _tokenized(con, rows_sql: str, params=None) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """For the rows (problem_id, prompt) of a query, in id order: ids, normalized-text hashes, word counts and
     the words' 64-bit hashes (DuckDB's hash(), all problems' words in one flat array)."""
-    table = con.sql(f"""
-        SELECT problem_id, md5(array_to_string(w, ' '))[:16] AS norm_hash, list_transform(w, lambda x: hash(x)) AS words
-        FROM (SELECT problem_id, regexp_extract_all(lower(prompt), '{WORD_SQL}') AS w FROM ({rows_sql}))
-        ORDER BY problem_id""", params=params).to_arrow_table()
+    with WORDS(con):
+        table = con.sql(f"""
+            SELECT problem_id, md5(array_to_string(w, ' '))[:16] AS norm_hash, list_transform(w, lambda x: hash(x)) AS words
+            FROM (SELECT problem_id, {words_sql('prompt')} AS w FROM ({rows_sql}))
+            ORDER BY problem_id""", params=params).to_arrow_table()
     words = table["words"].combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.uint64()))
     lengths = np.diff(words.offsets.to_numpy()).astype(np.int64)
     return (table["problem_id"].to_pylist(), table["norm_hash"].to_pylist(), lengths,

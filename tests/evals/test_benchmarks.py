@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from evals.benchmarks import PUBLIC, InputError, level_of, load_benchmark, max_tokens_for
+from evals.benchmarks import PUBLIC, InputError, benchmark_source, level_of, load_benchmark, max_tokens_for
 
 BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
 COUNTS = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "humaneval": 164, "humanevalplus": 164,
@@ -68,6 +68,24 @@ def test_code_ids_and_tests(data_dir):
 @pytest.mark.benchmarks
 def test_limit_takes_the_first_problems(data_dir):
     assert [p["id"] for p in load_benchmark("aime24", data_dir, limit=3).problems] == ["60", "61", "62"]
+
+
+def test_source_is_known_without_loading_and_follows_the_data(tmp_path):
+    """benchmark_source (what caches key on) equals the loaded benchmark's source and changes with the file."""
+    (tmp_path / "gsm8k").mkdir()
+    path = tmp_path / "gsm8k" / "test.jsonl"
+    path.write_text('{"question": "q", "answer": "x\\n#### 3"}\n')
+    before = benchmark_source("gsm8k", str(tmp_path))
+    assert before == load_benchmark("gsm8k", str(tmp_path)).source
+    path.write_text('{"question": "q2", "answer": "x\\n#### 3"}\n')
+    assert benchmark_source("gsm8k", str(tmp_path)) not in (before, None)
+    custom = tmp_path / "c.jsonl"
+    custom.write_text(json.dumps({"id": "a", "domain": "math", "prompt": "1+1", "answer": "2"}) + "\n")
+    assert benchmark_source("c", custom={"c": str(custom)}) == load_benchmark("c", custom={"c": str(custom)}).source
+    assert benchmark_source("math500").startswith("HuggingFaceH4/MATH-500@")  # pinned: no download needed
+    assert benchmark_source("amc23") is None  # unpinned: only loading can tell
+    with pytest.raises(InputError, match="no such file"):
+        benchmark_source("math500", str(tmp_path))
 
 
 def test_missing_local_file_names_the_path(tmp_path):
