@@ -3,7 +3,8 @@ accelerate launch --config_file recipes/accelerate/fsdp.yaml -m sft --config rec
 
 Fine-tunes a student on a curated set with TRL's SFTTrainer: full fine-tuning, or LoRA with `use_peft: true`
 (PEFT); the loss covers exactly the assistant's tokens (the chat template's {% generation %} markers), with
-the reasoning inside <think>. With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs
+the reasoning inside <think>, or with `assistant_only_loss: false` set every token of the conversation, prompt
+included (TRL's own default for conversations; it teaches a model trained from scratch to read the prompt). With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs
 (sft/kd.py), with `kd: online` to a local teacher's full logits. Writes <output_dir>/ (model or adapter,
 tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
 checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(model_args)
         template = training_template(tokenizer, args.chat_template)
         dataset = load_curated(args.dataset, args.dataset_split)
-        dataset = prepare(dataset, tokenizer, template, args)
+        dataset = prepare(dataset, tokenizer, template, args, whole_conversation(args, training_args, set_by_user))
         max_length = None if "max_length" not in set_by_user else training_args.max_length
         dataset, training_args.max_length, dropped = fit_lengths(dataset, max_length, args.drop_long)
         dataset = dataset.remove_columns("length")
@@ -75,6 +76,19 @@ def derive_defaults(training_args, set_by_user: set[str]) -> None:
             log.info("%s: %s (set; derived default: %s)", name, getattr(training_args, name), gpu)
 
 
+def whole_conversation(args, training_args, set_by_user: set[str]) -> bool:
+    """Loss on every token when `assistant_only_loss: false` is set; else (and by default) the assistant's only.
+    The labels are built here either way, so TRL itself is told not to mask."""
+    whole = "assistant_only_loss" in set_by_user and not training_args.assistant_only_loss
+    training_args.assistant_only_loss = False
+    if whole and args.kd != "none":
+        raise ConfigError("assistant_only_loss: false cannot be combined with kd (the teacher's logits cover the "
+                          "completion only)")
+    log.info("loss on %s", "every token of the conversation (assistant_only_loss: false)" if whole else
+             "the assistant's tokens only (set assistant_only_loss: false for every token)")
+    return whole
+
+
 def load_tokenizer(model_args):
     from transformers import AutoTokenizer
 
@@ -88,8 +102,9 @@ def load_tokenizer(model_args):
     return tokenizer
 
 
-def prepare(dataset, tokenizer, template: str, args):
-    """input_ids + labels (-100 outside the assistant's tokens) + length; KD adds the teacher's top-k."""
+def prepare(dataset, tokenizer, template: str, args, whole: bool = False):
+    """input_ids + labels (-100 outside the assistant's tokens unless `whole`) + length; KD adds the teacher's
+    top-k."""
     if args.kd == "sparse":
         from sft.kd import check_same_tokenizer
         from sft.kd_data import prepare_kd_dataset
@@ -104,6 +119,9 @@ def prepare(dataset, tokenizer, template: str, args):
         dataset = prepare_kd_dataset(dataset, tokenizer, curated_dir, template)
         return dataset.map(lambda ids: {"length": len(ids)}, input_columns="input_ids")
     tokenized = tokenize(dataset, tokenizer, template)
+    if whole:
+        return tokenized.map(lambda ids: {"labels": list(ids)}, input_columns="input_ids",
+                             remove_columns=["assistant_masks"])
     return tokenized.map(lambda ids, mask: {"labels": [t if m else -100 for t, m in zip(ids, mask, strict=True)]},
                          input_columns=["input_ids", "assistant_masks"], remove_columns=["assistant_masks"])
 

@@ -1,6 +1,6 @@
 """The whole R1-style distillation loop in the toy world, every stage for real, on a CPU.
 
-    .venv/bin/python recipes/quickstart/run.py                 # make quickstart: full size (~18 min on 2 cores)
+    .venv/bin/python recipes/quickstart/run.py                 # make quickstart: full size (~20 min on 2 cores)
     .venv/bin/python recipes/quickstart/run.py --size ci       # the same path, smaller (the CI test)
 
 1. build the toy world (problems with gold solutions, tokenizer, random teacher/student)
@@ -27,11 +27,11 @@ RECIPE = Path(__file__).resolve().parent
 PY = sys.executable
 # What changes between the full run and the CI run: only sizes, never the code path.
 SIZES = {
-    "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1200, "problems": 1000, "n": 4,
-             "student_steps": 600, "eval_problems": 200, "eval_n": 4},
+    "full": {"n_train": 10000, "n_test": 500, "teacher_steps": 1000, "problems": 800, "n": 4,
+             "student_steps": 500, "eval_problems": 200, "eval_n": 4},
     # the full world (a teacher trained on 600 problems memorizes them and fails held-out ones: its traces were
     # almost all wrong and the curated set came out empty) and the full teacher; fewer traces, students, evals
-    "ci": {"n_train": 10000, "n_test": 100, "teacher_steps": 1200, "problems": 200, "n": 4,
+    "ci": {"n_train": 10000, "n_test": 100, "teacher_steps": 1000, "problems": 200, "n": 4,
            "student_steps": 40, "eval_problems": 40, "eval_n": 2},
 }
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")

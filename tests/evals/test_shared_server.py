@@ -14,7 +14,7 @@ def test_one_managed_server_serves_every_benchmark(toyworld, tmp_path):
     argv = ["--output_dir", str(out), "--benchmarks", "toy", "toy2", "--custom_benchmarks",
             json.dumps({"toy": str(toyworld.test), "toy2": str(toyworld.test)}), "--limit", "3",
             "--serve_model", str(toyworld.student), "--model_name", "student",
-            "--serve_args=--max-model-len 512 --gpu-memory-utilization 0.2 --reasoning-parser deepseek_r1",
+            "--serve_args=--max-model-len 512 --gpu-memory-utilization 0.2 --reasoning-parser deepseek_r1 --enforce-eager",
             "--n", "2", "--max_tokens", "24", "--grader_workers", "1"]
     assert main(argv) == 0
     scores = json.loads((out / "scores.json").read_text())["student"]

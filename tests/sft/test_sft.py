@@ -83,6 +83,27 @@ def test_the_loss_mask_is_exactly_the_assistant_turn(toyworld, curated):
         assert prompt == f"<|im_start|>user\n{row['messages'][0]['content']}<|im_end|>\n<|im_start|>assistant\n\n"
 
 
+def test_assistant_only_loss_false_trains_on_every_token(toyworld, curated, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from sft.main import prepare
+
+    tokenizer = AutoTokenizer.from_pretrained(toyworld.student)
+    rows = load_curated(str(curated)).select(range(2))
+    template = training_template(tokenizer, None)
+    args = SimpleNamespace(kd="none")
+    masked, whole = prepare(rows, tokenizer, template, args), prepare(rows, tokenizer, template, args, True)
+    for m, w in zip(masked, whole, strict=True):
+        assert w["labels"] == w["input_ids"] == m["input_ids"]
+        assert -100 in m["labels"] and m["labels"][-5:-1] == m["input_ids"][-5:-1]  # the answer, then "\n"
+    caplog.set_level(logging.INFO)
+    assert run(toyworld, curated, tmp_path / "whole", "--max_steps", "2", "--assistant_only_loss", "false") == 0
+    assert "loss on every token of the conversation" in caplog.text
+    assert run(toyworld, curated, tmp_path / "kd", "--assistant_only_loss", "false", "--kd", "online",
+               "--teacher_model", str(toyworld.student)) == 2
+    assert "assistant_only_loss: false cannot be combined with kd" in caplog.text
+
+
 def test_max_length_is_derived_checked_and_never_truncates(toyworld, curated, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     assert run(toyworld, curated, tmp_path / "derived", "--max_steps", "1") == 0

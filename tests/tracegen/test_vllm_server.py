@@ -17,7 +17,7 @@ from tracegen.records import TRACE_SCHEMA
 from tracegen.store import _read_stream, read_traces
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVE_ARGS = "--max-model-len 512 --gpu-memory-utilization 0.2 --reasoning-parser deepseek_r1"
+SERVE_ARGS = "--max-model-len 512 --gpu-memory-utilization 0.2 --reasoning-parser deepseek_r1 --enforce-eager"
 pytestmark = pytest.mark.slow
 
 
