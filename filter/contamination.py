@@ -33,7 +33,7 @@ import pyarrow as pa
 
 from evals.benchmarks import Benchmark, benchmark_source, load_benchmark
 from filter.words import VERSION as WORDS_VERSION
-from filter.words import WORDS, words, words_sql
+from filter.words import word_function, words, words_sql
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def label_contamination(con: duckdb.DuckDBPyConnection, *, benchmarks: list[str]
     con.register("_contam_todo", pa.Table.from_batches(todo_rows.to_batches(max_chunksize=8192), todo_rows.schema))
     todo = len(todo_rows)
     if todo:
-        with WORDS(con), _transaction(con):
+        with word_function(con), _transaction(con):
             for (name, custom), (_, fp) in zip(specs, sets, strict=True):
                 if not _cached(con, name, fp, ngram):
                     bench = loaded.get(name) or load_benchmark(name, data_dir=data_dir, custom=custom)

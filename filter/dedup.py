@@ -4,8 +4,8 @@
     label_duplicates(con, threshold=0.8, num_perm=128, shingle=5)   # reads `problems`, fills `dup_problems`
 
 Normalized text: the words (filter/words.py: lowercased runs of `\\w`, as filter/contamination.py's) joined
-by one space, so case, whitespace and punctuation never matter ("What is 2+2?" == "what is 2 + 2"). Its md5 (`norm_hash`, 16
-hex digits) groups exact duplicates.
+by one space, so case, whitespace and punctuation never matter ("What is 2+2?" == "what is 2 + 2"). Its md5
+(`norm_hash`, 16 hex digits) groups exact duplicates.
 
 Near duplicates: every problem gets a MinHash signature of its word `shingle`-grams (words hashed by
 DuckDB's hash(), shingles and num_perm multiply-shift permutations vectorized in numpy; a text shorter than
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from filter.words import VERSION as WORDS_VERSION
-from filter.words import WORDS, words_sql
+from filter.words import word_function, words_sql
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def label_duplicates(con: duckdb.DuckDBPyConnection, *, threshold: float = 0.8, 
 def _tokenized(con, rows_sql: str, params=None) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """For the rows (problem_id, prompt) of a query, in id order: ids, normalized-text hashes, word counts and
     the words' 64-bit hashes (DuckDB's hash(), all problems' words in one flat array)."""
-    with WORDS(con):
+    with word_function(con):
         table = con.sql(f"""
             SELECT problem_id, md5(array_to_string(w, ' '))[:16] AS norm_hash, list_transform(w, lambda x: hash(x)) AS words
             FROM (SELECT problem_id, {words_sql('prompt')} AS w FROM ({rows_sql}))

@@ -1,7 +1,7 @@
 """Words of a text for the filter's n-gram checks (contamination, near duplicates), computed inside DuckDB.
 
-    from filter.words import WORDS, words_sql
-    with WORDS(con):
+    from filter.words import word_function, words_sql
+    with word_function(con):
         con.sql(f"SELECT problem_id, {words_sql('prompt')} AS w FROM problems")
 
 A word is a maximal run of letters, digits and `_` of the lowercased text: Python's
@@ -14,6 +14,7 @@ allocates per match) and agrees with Python's `\\w` only up to Unicode corner ca
 """
 
 import re
+from contextlib import contextmanager
 
 import duckdb
 import pyarrow as pa
@@ -31,21 +32,18 @@ def words(text: str) -> list[str]:
 
 
 def words_sql(text: str) -> str:
-    """SQL for the word list (VARCHAR[]) of the expression `text`; needs WORDS(con) active."""
+    """SQL for the word list (VARCHAR[]) of the expression `text`; needs word_function(con) active."""
     return f"list_filter(string_split(_word_text({text}), ' '), lambda x: x <> '')"
 
 
-class WORDS:
-    """Registers `_word_text` on the connection for the `with` block (a connection holds one at a time)."""
-
-    def __init__(self, con: duckdb.DuckDBPyConnection):
-        self.con = con
-
-    def __enter__(self):
-        self.con.create_function("_word_text", _word_text, ["VARCHAR"], "VARCHAR", type="arrow")
-
-    def __exit__(self, *exc):
-        self.con.remove_function("_word_text")
+@contextmanager
+def word_function(con: duckdb.DuckDBPyConnection):
+    """`_word_text` registered on the connection for the `with` block (a connection holds one at a time)."""
+    con.create_function("_word_text", _word_text, ["VARCHAR"], "VARCHAR", type="arrow")
+    try:
+        yield
+    finally:
+        con.remove_function("_word_text")
 
 
 def _word_text(text: pa.Array | pa.ChunkedArray) -> pa.Array:

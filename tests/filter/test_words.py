@@ -9,7 +9,7 @@ import random
 import duckdb
 import pyarrow as pa
 
-from filter.words import WORDS, _word_text, words, words_sql
+from filter.words import _word_text, word_function, words, words_sql
 
 TEXTS = [
     "What is 2+2?", "  Leading,  trailing.  ", "", "Ünïcode – naïve’s café, ÉCOLE", "x^{2}+\\frac{a_1}{b}",
@@ -23,7 +23,7 @@ def test_words_in_duckdb_equal_the_python_definition():
     texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60))) for _ in range(5000)]
     con = duckdb.connect()
     con.register("t", pa.table({"i": range(len(texts) + 1), "text": [*texts, None]}))
-    with WORDS(con):
+    with word_function(con):
         got = dict(con.execute(f"SELECT i, {words_sql('text')} FROM t").fetchall())  # several batches of 2,048
     assert got.pop(len(texts)) is None
     assert got == {i: words(t) for i, t in enumerate(texts)}
@@ -40,9 +40,9 @@ def test_sliced_and_chunked_arrays_keep_their_rows():
 
 def test_the_function_is_registered_only_inside_the_block():
     con = duckdb.connect()
-    with WORDS(con):
+    with word_function(con):
         assert con.execute(f"SELECT {words_sql(repr('Hi, there'))}").fetchall() == [(["hi", "there"],)]
-    with WORDS(con):  # registering again works: the block removed it
+    with word_function(con):  # registering again works: the block removed it
         pass
     try:
         con.execute("SELECT _word_text('x')")
