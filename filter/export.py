@@ -6,7 +6,8 @@
 Columns: `messages` (the prompt turns exactly as sent, then the assistant turn: with reasoning_format
 think_tags its content is "<think>\\n{reasoning}\\n</think>\\n\\n{answer}", both stripped; with `field` the content
 is the answer and `reasoning_content` the reasoning), trace_id, problem_id, sample_index, teacher_model, domain,
-difficulty, completion_tokens, verdict, completion_token_ids (the teacher's sampled token ids from the
+difficulty, prompt_tokens (as the teacher's server counted them: sft's KD checks its own prompt against it),
+completion_tokens, verdict, completion_token_ids (the teacher's sampled token ids from the
 logprobs table, else null) and logprobs_file (the logprobs part holding the trace, relative to output_dir).
 The folder is written as <output_dir>.tmp and renamed over the old one, so it is never half-written.
 """
@@ -26,12 +27,12 @@ MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string()), ("reasonin
 CURATED_SCHEMA = pa.schema([
     ("messages", pa.list_(MESSAGE)), ("trace_id", pa.string()), ("problem_id", pa.string()),
     ("sample_index", pa.int32()), ("teacher_model", pa.string()), ("domain", pa.string()),
-    ("difficulty", pa.int32()), ("completion_tokens", pa.int32()), ("verdict", pa.string()),
+    ("difficulty", pa.int32()), ("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()), ("verdict", pa.string()),
     ("completion_token_ids", pa.list_(pa.int32())), ("logprobs_file", pa.string()),
 ])
 EXPORT_QUERY = """
     SELECT t.messages, t.reasoning, t.content, t.trace_id, t.problem_id, t.sample_index, t.model AS teacher_model,
-           p.domain, p.difficulty, t.completion_tokens, v.verdict, l.token_ids AS completion_token_ids, l.file
+           p.domain, p.difficulty, t.prompt_tokens, t.completion_tokens, v.verdict, l.token_ids AS completion_token_ids, l.file
     FROM selected x JOIN traces t USING (trace_id)
     LEFT JOIN problems p USING (problem_id) LEFT JOIN verified v USING (trace_id)
     LEFT JOIN (SELECT trace_id, any_value(token_ids) AS token_ids, any_value(file) AS file FROM logprobs

@@ -2,7 +2,8 @@
 (e.g. a LoRA adapter, applied with PEFT without merging).
 
 Batched (left padding), sampled with temperature/top_p, n samples per prompt, stops on EOS. With
-top_logprobs, logprobs come from the raw logits (before temperature and top_p), as vLLM reports them.
+top_logprobs, logprobs come from the raw logits (before temperature and top_p), as vLLM reports them, and the
+mass outside the top-k (`rest_logprobs`) is summed over the other tokens, exactly.
 """
 
 import logging
@@ -54,9 +55,9 @@ class HfEngine:
         latency = time.monotonic() - start
         responses, row = [], 0
         for text, n in zip(texts, counts, strict=True):
-            prompt_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            responses.append(Response(samples=samples[row:row + n], model=self.cfg.model,
-                                      prompt_tokens=prompt_tokens, latency_s=latency, attempts=1))
+            prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            responses.append(Response(samples=samples[row:row + n], model=self.cfg.model, prompt_tokens=len(prompt_ids),
+                                      prompt_token_ids=prompt_ids, latency_s=latency, attempts=1))
             row += n
         return responses
 
@@ -76,6 +77,8 @@ class HfEngine:
             top = logprobs.topk(k, dim=-1)
             sample.logprobs = logprobs.gather(1, self.torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
             sample.top_ids, sample.top_logprobs = top.indices.tolist(), top.values.tolist()
+            # the mass outside the top-k summed over those tokens themselves: exact even when it is 1e-30
+            sample.rest_logprobs = logprobs.scatter(1, top.indices, -float("inf")).logsumexp(-1).tolist()
         return sample
 
 

@@ -137,6 +137,8 @@ def parse_response(content: bytes, n: int, top_logprobs: int, max_tokens: int) -
         choices = sorted(data["choices"], key=lambda c: c.get("index", 0))
         usage = data.get("usage") or {}
         samples = [_sample(c, top_logprobs) for c in choices]
+        prompt_ids = data.get("prompt_token_ids")  # vLLM's, with return_token_ids
+        prompt_ids = None if prompt_ids is None else [int(t) for t in prompt_ids]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise MalformedResponse(f"malformed response body ({type(e).__name__}: {e})") from None
     if len(samples) != n:
@@ -145,7 +147,8 @@ def parse_response(content: bytes, n: int, top_logprobs: int, max_tokens: int) -
         samples[0].completion_tokens = samples[0].completion_tokens or usage.get("completion_tokens")
         details = usage.get("completion_tokens_details") or {}
         samples[0].reasoning_tokens = details.get("reasoning_tokens")
-    return Response(samples=samples, model=data.get("model"), prompt_tokens=usage.get("prompt_tokens"))
+    return Response(samples=samples, model=data.get("model"), prompt_tokens=usage.get("prompt_tokens"),
+                    prompt_token_ids=prompt_ids)
 
 
 def _sample(choice: dict, top_logprobs: int) -> Sample:

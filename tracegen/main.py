@@ -21,7 +21,7 @@ from tracegen.config import ConfigError, TracegenConfig, parse_config
 from tracegen.http_engine import FatalEndpointError, HttpEngine
 from tracegen.problems import ProblemError, load_problems, make_renderer, shard_of
 from tracegen.progress import Meter, Tally, cost
-from tracegen.records import request_key, source_key, trace_id
+from tracegen.records import logprob_row, request_key, source_key, trace_id
 from tracegen.server import ServerError, managed_vllm_server
 from tracegen.store import ShardWriter, done_trace_ids, write_problems
 
@@ -250,8 +250,7 @@ def to_rows(item: WorkItem, response, sampling: str, with_logprobs: bool) -> tup
             "reasoning_tokens": s.reasoning_tokens, "latency_s": response.latency_s,
             "attempts": response.attempts, "error": response.error, "sampling": sampling, "created_at": now})
         if with_logprobs and s.token_ids is not None:
-            logprobs.append({"trace_id": tid, "token_ids": s.token_ids, "logprobs": s.logprobs,
-                             "top_ids": s.top_ids, "top_logprobs": s.top_logprobs})
+            logprobs.append(logprob_row(tid, s, response))
     return traces, logprobs
 
 

@@ -6,6 +6,7 @@ finds its finished work and a changed setting never mixes with old traces.
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ LOGPROB_SCHEMA = pa.schema([
     # float16: ~3 decimal digits are plenty for KD targets and halve the side table (3.7 bytes per top-k
     # entry with zstd, measured on the toy teacher's logprobs, vs 8.6 with float32).
     ("top_logprobs", pa.list_(pa.list_(pa.float16()))),
+    # log of the mass outside the listed entries, per position, computed before any rounding: rebuilt later
+    # as 1 - sum(float16 top-k), it rounds to 0 or to twice the truth for a peaked teacher (a KD loss floor)
+    ("rest_logprobs", pa.list_(pa.float16())),
+    ("prompt_token_ids", pa.list_(pa.int32())),  # the prompt as the teacher saw it (sft checks its own)
 ])
 
 
@@ -120,6 +125,7 @@ class Sample:
     logprobs: list[float] | None = None
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    rest_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -127,6 +133,26 @@ class Response:
     samples: list[Sample]
     model: str | None = None
     prompt_tokens: int | None = None
+    prompt_token_ids: list[int] | None = None
     latency_s: float = 0.0
     attempts: int = 0
     error: str | None = None
+
+
+def logprob_row(trace: str, sample: Sample, response: Response) -> dict:
+    """A LOGPROB_SCHEMA row. `rest_logprobs` comes from the engine (exact, from the full distribution) or else
+    from the listed entries as the server sent them (float32 values summed in float64: the rest mass is then
+    known to about 1e-7, the server's own rounding)."""
+    rest = sample.rest_logprobs
+    if rest is None and sample.top_logprobs is not None:
+        rest = [rest_logprob(ids, values) for ids, values in zip(sample.top_ids, sample.top_logprobs, strict=True)]
+    return {"trace_id": trace, "token_ids": sample.token_ids, "logprobs": sample.logprobs, "top_ids": sample.top_ids,
+            "top_logprobs": sample.top_logprobs, "rest_logprobs": rest, "prompt_token_ids": response.prompt_token_ids}
+
+
+def rest_logprob(ids: list[int], logprobs: list[float]) -> float:
+    """log(1 - the mass of the listed entries), each id counted once (vLLM may list the sampled token twice);
+    -inf when they hold it all (or, by the server's rounding, a little more)."""
+    listed = dict(zip(ids, logprobs, strict=True)).values()
+    total = math.fsum(math.exp(x) for x in listed)
+    return math.log1p(-total) if total < 1.0 else -math.inf

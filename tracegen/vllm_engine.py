@@ -39,7 +39,8 @@ class VllmEngine:
                                 chat_template_kwargs=cfg.chat_template_kwargs, lora_request=self.lora)
         latency = time.monotonic() - start
         return [Response(samples=[self._sample(o) for o in out.outputs], model=cfg.model,
-                         prompt_tokens=len(out.prompt_token_ids), latency_s=latency, attempts=1)
+                         prompt_tokens=len(out.prompt_token_ids), prompt_token_ids=list(out.prompt_token_ids),
+                         latency_s=latency, attempts=1)
                 for out in outputs]
 
     def _sample(self, output) -> Sample:
@@ -48,7 +49,8 @@ class VllmEngine:
         sample = Sample(reasoning=reasoning, content=content, reasoning_source=source,
                         finish_reason=output.finish_reason, completion_tokens=len(ids), token_ids=ids)
         if self.cfg.top_logprobs:
-            # one dict per position: the top-k plus the sampled token when it is not among them
+            # one dict per position: the top-k plus the sampled token when it is not among them; the raw model
+            # distribution (vLLM's default logprobs_mode), not the sampled one at temperature / top_p
             sample.logprobs = [step[t].logprob for t, step in zip(ids, output.logprobs, strict=True)]
             ranked = [sorted(step.items(), key=lambda kv: -kv[1].logprob)[: self.cfg.top_logprobs]
                       for step in output.logprobs]

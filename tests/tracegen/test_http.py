@@ -157,6 +157,9 @@ def test_top_logprobs_go_to_the_side_table_as_token_ids(tmp_path, server):
         assert len(lp["token_ids"]) == len(lp["logprobs"]) == trace["completion_tokens"]
         assert all(len(ids) == 3 and len(lps) == 3 for ids, lps in zip(lp["top_ids"], lp["top_logprobs"], strict=True))
         assert all(tok in ids for tok, ids in zip(lp["token_ids"], lp["top_ids"], strict=True))
+        # the rest, from the values the server sent: its alternatives halve (p0, (1-p0)/2, (1-p0)/4), so the mass
+        # outside the top-3 equals the third's (1 - the float16 sum would be off by up to 1e-3 absolute)
+        assert lp["rest_logprobs"] == [min(row) for row in lp["top_logprobs"]]
 
 
 def test_several_base_urls_share_the_load(tmp_path):

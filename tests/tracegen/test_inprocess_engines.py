@@ -1,6 +1,7 @@
 """engine: hf and engine: vllm generate in this process, with the HTTP engine's records and resume."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,11 @@ def check_records(out, eos_id, samples):
         assert all(len(ids) == 3 for ids in lp["top_ids"])
         assert all(row == sorted(row, reverse=True) for row in lp["top_logprobs"])
         assert all(-40 < x <= 0 for x in lp["logprobs"])
+        assert len(lp["prompt_token_ids"]) == t["prompt_tokens"]
+        # the rest (mass outside the top-k) completes each position's distribution (to float16 rounding)
+        totals = [sum(math.exp(x) for x in row) + math.exp(rest) for row, rest in zip(lp["top_logprobs"],
+                                                                                   lp["rest_logprobs"], strict=True)]
+        assert totals == pytest.approx([1.0] * len(totals), abs=3e-3)
         if t["finish_reason"] == "stop":
             assert lp["token_ids"][-1] == eos_id
         else:

@@ -13,7 +13,7 @@ def trace(tid, error=None):
 
 def logprob(tid):
     return {"trace_id": tid, "token_ids": [1, 2], "logprobs": [-0.125, -0.25], "top_ids": [[1, 3], [2, 4]],
-            "top_logprobs": [[-0.125, -2.0], [-0.25, -3.0]]}
+            "top_logprobs": [[-0.125, -2.0], [-0.25, -3.0]], "rest_logprobs": [-3.0, -2.5], "prompt_token_ids": [5, 6]}
 
 
 def parts(run, sub="traces"):
