@@ -7,6 +7,7 @@ Derived here instead of TRL's defaults (each logged when it applies): max_length
 1024 would cut long traces silently), bf16 only on a GPU, no gradient checkpointing on a CPU.
 """
 
+import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -32,37 +33,76 @@ class DistillArguments:
         "name; rows need `messages` (data/README.md, Curated dataset).", default=None)
     dataset_split: str = _help("Split of a hub dataset.", default="train")
     chat_template: str | None = _help(
-        "Jinja training template with {% generation %} markers. Default: the tokenizer's own when it has them, "
+        "Jinja training template with {%% generation %%} markers. Default: the tokenizer's own when it has them, "
         "else TRL's training template for the model family.", default=None)
+    chat_template_kwargs: dict | str | None = _help(
+        "Extra variables for the chat template, as tracegen's (e.g. {enable_thinking: false}): kd: sparse refuses "
+        "a prompt that renders otherwise than the one the teacher saw.", default=None)
     drop_long: bool = _help("Drop (and count) examples longer than max_length instead of stopping.", default=False)
     merge: bool = _help("LoRA: also save the merged model to <output_dir>/merged (vLLM serves it).", default=False)
-    kd: str = _help("Logit distillation: none, sparse (the teacher's stored top-k logprobs) or online (a local "
-                    "teacher model's full logits).", default="none")
+    kd: str = _help(
+        "Logit distillation: none; sparse (the teacher's top-k logprobs stored by tracegen, with the mass outside "
+        "them as one more outcome: they are the raw model distribution at temperature 1, vLLM's default, not the "
+        "sampled one at the trace's temperature / top_p); online (an in-process teacher_model's full logits).",
+        default="none")
     kd_alpha: float = _help("Weight of cross-entropy; 1 - kd_alpha weighs the KD term.", default=0.5)
-    kd_temperature: float = _help("KD temperature T (the KD term is scaled by T^2).", default=1.0)
+    kd_temperature: float = _help(
+        "KD temperature T, the KD term scaled by T^2. sparse: both models' K+1-outcome distributions (top-k ids + "
+        "the rest) are tempered as log_softmax(logp / T), so the rest is one outcome at T, not its tokens; online: "
+        "both full distributions. Cross-entropy stays at T = 1.", default=1.0)
+    kd_top_k: int | None = _help(
+        "sparse: use only the k most likely stored entries per position (their stored mass beyond k joins the "
+        "rest). Default: all stored (top_logprobs, plus the sampled token where vLLM added it).", default=None)
     kd_chunk_size: int = _help("Positions per chunk of the KD loss (full-vocabulary logits stay this small).",
                                default=1024)
     teacher_model: str | None = _help(
         "online: the teacher model; sparse: the teacher tokenizer the student's must equal (default: the dataset's "
         "teacher_model column).", default=None)
-    kd_divergence: str = _help("online: forward, reverse or jsd.", default="forward")
-    kd_jsd_beta: float = _help("online jsd: the mixture weight beta.", default=0.5)
+    kd_divergence: str = _help("online: forward, reverse or jsd (sparse: forward KL only).", default="forward")
+    kd_jsd_beta: float = _help("online jsd: the mixture weight beta, in (0, 1).", default=0.5)
 
     def __post_init__(self):
+        self.chat_template_kwargs = _json_dict("chat_template_kwargs", self.chat_template_kwargs)
         if not self.dataset:
             raise ConfigError("dataset: required (e.g. runs/<name>/curated)")
         if self.kd not in KD_MODES:
             raise ConfigError(f"kd: {self.kd!r} is not one of: {', '.join(KD_MODES)}")
         if self.kd_divergence not in DIVERGENCES:
             raise ConfigError(f"kd_divergence: {self.kd_divergence!r} is not one of: {', '.join(DIVERGENCES)}")
+        if self.kd == "sparse" and self.kd_divergence != "forward":
+            raise ConfigError(f"kd_divergence: {self.kd_divergence} needs the teacher's full distribution (kd: "
+                              "online); kd: sparse matches stored top-k logprobs with the forward KL")
+        if self.kd_divergence == "jsd" and not 0.0 < self.kd_jsd_beta < 1.0:
+            raise ConfigError(f"kd_jsd_beta: must be in (0, 1), got {self.kd_jsd_beta}")
         if not 0.0 <= self.kd_alpha <= 1.0:
             raise ConfigError(f"kd_alpha: must be in [0, 1], got {self.kd_alpha}")
         if self.kd_temperature <= 0:
             raise ConfigError(f"kd_temperature: must be > 0, got {self.kd_temperature}")
+        if self.kd_top_k is not None and (self.kd_top_k < 1 or self.kd != "sparse"):
+            raise ConfigError(f"kd_top_k: must be >= 1 and is for kd: sparse only, got {self.kd_top_k} with kd: "
+                              f"{self.kd}")
         if self.kd_chunk_size < 1:
             raise ConfigError(f"kd_chunk_size: must be >= 1, got {self.kd_chunk_size}")
         if self.kd == "online" and not self.teacher_model:
             raise ConfigError("teacher_model: required with kd: online (the local teacher model)")
+
+
+def check_with_training_args(args: DistillArguments, training_args) -> None:
+    """The settings of SFTConfig that KD cannot honour."""
+    if args.kd != "none" and (training_args.packing or training_args.padding_free):
+        raise ConfigError("packing / padding_free: not supported with kd (the teacher's per-position logprobs and the "
+                          "KD loss work on one sequence per row); set packing: false")
+
+
+def _json_dict(name: str, value):
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{name}: not a JSON object: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
+    return value
 
 
 def parse_config(argv: list[str] | None = None):

@@ -52,6 +52,8 @@ def training_template(tokenizer, path: str | None) -> str:
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
     if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"chat_template: no such file: {path}")
         template = Path(path).read_text()
         if not has_generation_markers(template):
             raise ConfigError(f"chat_template: {path} has no {{% generation %}} markers (the loss mask needs them)")
@@ -69,14 +71,15 @@ def training_template(tokenizer, path: str | None) -> str:
     return patched
 
 
-def tokenize(dataset: datasets.Dataset, tokenizer, template: str) -> datasets.Dataset:
+def tokenize(dataset: datasets.Dataset, tokenizer, template: str, template_kwargs: dict | None = None
+             ) -> datasets.Dataset:
     """input_ids, assistant_masks and length per example (other columns are dropped)."""
     def encode(batch):
         out = {"input_ids": [], "assistant_masks": [], "length": []}
         for messages in batch["messages"]:
             messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
             enc = tokenizer.apply_chat_template(messages, chat_template=template, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+                                                return_assistant_tokens_mask=True, **(template_kwargs or {}))
             out["input_ids"].append(enc["input_ids"])
             out["assistant_masks"].append(enc["assistant_masks"])
             out["length"].append(len(enc["input_ids"]))

@@ -5,8 +5,8 @@ Fine-tunes a student on a curated set with TRL's SFTTrainer: full fine-tuning, o
 (PEFT); the loss covers exactly the assistant's tokens (the chat template's {% generation %} markers), with
 the reasoning inside <think>, or with `assistant_only_loss: false` set every token of the conversation, prompt
 included (TRL's own default for conversations; it teaches a model trained from scratch to read the prompt).
-With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs (sft/kd.py), with `kd: online` to a
-local teacher's full logits. Writes <output_dir>/ (model or adapter,
+With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs, with `kd: online` to a local teacher's
+full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart). Writes <output_dir>/ (model or adapter,
 tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
 checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from sft.config import ConfigError, parse_config
+from sft.config import ConfigError, check_with_training_args, parse_config
 from sft.data import fit_lengths, load_curated, tokenize, training_template
 
 log = logging.getLogger("sft")
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, training_args, model_args, set_by_user = parse_config(argv)
         derive_defaults(training_args, set_by_user)
+        check_with_training_args(args, training_args)
         log.info("resolved config:\n%s", yaml.safe_dump({"sft": asdict(args), "model": asdict(model_args)},
                                                          sort_keys=False).rstrip())
         # --- load and tokenize: every length is known before training -------------------------------------
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset = dataset.remove_columns("length")
         # --- train (resuming from the last checkpoint) -----------------------------------------------------
         trainer = build_trainer(args, training_args, model_args, tokenizer, dataset)
-    except (ConfigError, ValueError, OSError) as e:  # sft/kd raises ValueError naming the setting or file
+    except ConfigError as e:  # a setting or the data, named; anything else is a bug and keeps its traceback
         log.error("%s", e)
         return 2
     last = last_checkpoint(training_args.output_dir)
@@ -107,19 +108,15 @@ def prepare(dataset, tokenizer, template: str, args, whole: bool = False):
     """input_ids + labels (-100 outside the assistant's tokens unless `whole`) + length; KD adds the teacher's
     top-k."""
     if args.kd == "sparse":
-        from sft.kd import check_same_tokenizer
         from sft.kd_data import prepare_kd_dataset
+        from sft.teacher import check_same_tokenizer
 
-        teacher = args.teacher_model or dataset[0].get("teacher_model")
-        try:
-            check_same_tokenizer(tokenizer, teacher)
-        except OSError as e:  # e.g. the served name a server reported, not a loadable path or hub id
-            raise ConfigError(f"teacher_model: cannot load the teacher's tokenizer from {teacher!r} ({e}); set "
-                              "teacher_model to the teacher's model directory or hub name") from None
+        check_same_tokenizer(tokenizer, args.teacher_model or dataset[0].get("teacher_model"))
         curated_dir = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
-        dataset = prepare_kd_dataset(dataset, tokenizer, curated_dir, template)
+        dataset = prepare_kd_dataset(dataset, tokenizer, curated_dir, template, args.kd_top_k,
+                                     args.chat_template_kwargs)
         return dataset.map(lambda ids: {"length": len(ids)}, input_columns="input_ids")
-    tokenized = tokenize(dataset, tokenizer, template)
+    tokenized = tokenize(dataset, tokenizer, template, args.chat_template_kwargs)
     if whole:
         return tokenized.map(lambda ids: {"labels": list(ids)}, input_columns="input_ids",
                              remove_columns=["assistant_masks"])
@@ -133,22 +130,20 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
 
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else (
         torch.bfloat16 if training_args.bf16 else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                                 dtype=dtype, attn_implementation=model_args.attn_implementation)
-    peft_config = get_peft_config(model_args)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                     dtype=dtype, attn_implementation=model_args.attn_implementation)
+    except OSError as e:
+        raise ConfigError(f"model_name_or_path: cannot load {model_args.model_name_or_path!r}: {e}") from None
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                  peft_config=peft_config)
-    kd = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, kd_chunk_size=args.kd_chunk_size)
-    if args.kd == "sparse":
-        from sft.kd import SparseKDTrainer
+                  peft_config=get_peft_config(model_args))
+    if args.kd == "none":
+        return SFTTrainer(**common)
+    from sft.teacher import load_teacher
+    from sft.trainer import DistillTrainer
 
-        return SparseKDTrainer(**common, **kd)  # its collator pads the teacher's top-k too
-    if args.kd == "online":
-        from sft.kd import build_online_kd_trainer
-
-        return build_online_kd_trainer(model, args.teacher_model, training_args, dataset, tokenizer, peft_config,
-                                       kd_divergence=args.kd_divergence, kd_jsd_beta=args.kd_jsd_beta, **kd)
-    return SFTTrainer(**common)
+    teacher = load_teacher(args.teacher_model, tokenizer, dtype) if args.kd == "online" else None
+    return DistillTrainer(**common, distill=args, teacher_model=teacher)
 
 
 def last_checkpoint(output_dir: str) -> str | None:

@@ -87,7 +87,9 @@ class TracegenConfig:
     max_tokens: int = _help("Most completion tokens per sample (reasoning included).", default=32768)
     seed: int | None = _help("Sampling seed sent with every request.", default=None)
     top_logprobs: int = _help(
-        "k > 0: store token ids and top-k logprobs of every completion token in logprobs/ (k <= 20).",
+        "k > 0: store token ids and top-k logprobs of every completion token in logprobs/ (k <= 20), with the "
+        "mass outside them and the prompt's ids: the model's raw distribution at temperature 1 (vLLM's default), "
+        "not the sampled one at temperature / top_p (data/README.md, Teacher logprobs).",
         default=0)
     return_token_ids: bool | None = _help(
         "Ask the server for completion token ids (a vLLM extension) for exact per-sample token counts. "

@@ -4,13 +4,14 @@
     .venv/bin/python tests/bench/bench_kd.py [--teacher cache/toyworld/teacher-init] [--top-logprobs 20]
 
 1. storage: a real `python -m tracegen --engine hf --top_logprobs k` run of the teacher; the logprobs part's
-   parquet bytes (float16 top_logprobs, zstd) per top-k entry, and per completion token.
+   parquet bytes (float16 top_logprobs, zstd) per top-k entry, and per completion token; and the same table
+   rewritten without `rest_logprobs` and `prompt_token_ids` (the side table before they were stored), side by side.
 2. step time: the same traces as a curated set (prepare_kd_dataset), trained with TRL's SFTTrainer (CE, its
-   fused chunked LM head) and with SparseKDTrainer, same student, batch, data and steps; the median wall time
+   fused chunked LM head) and with DistillTrainer (kd: sparse), same student, batch, data and steps; the median wall time
    between consecutive optimizer steps (data loading and collation included), and the ratio. Twice: the toy
    student (vocabulary 595) on the teacher's traces, and a random Qwen2 with a 32k vocabulary on random tokens
    with random top-k, where the LM head (the part KD changes) dominates.
-3. memory: the KD loss's forward + backward on one long sequence, chunked (sft.kd.sparse_kd_loss) vs a dense
+3. memory: the KD loss's forward + backward on one long sequence, chunked (sft.losses.sparse_kd_loss) vs a dense
    implementation that builds the full [T, V] logits, each in its own process; peak RSS growth.
 """
 
@@ -43,7 +44,10 @@ from transformers import (  # noqa: E402
 )
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from sft.kd import SparseKDTrainer, prepare_kd_dataset, sparse_kd_loss  # noqa: E402
+from sft.config import DistillArguments  # noqa: E402
+from sft.kd_data import prepare_kd_dataset  # noqa: E402
+from sft.losses import OutputHead, sparse_kd_loss  # noqa: E402
+from sft.trainer import DistillTrainer  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- 1. storage
@@ -61,20 +65,30 @@ def storage(part: Path) -> None:
     table = pq.read_table(part)
     entries = pc.sum(pc.list_value_length(pc.list_flatten(table["top_ids"]))).as_py()
     tokens = pc.sum(pc.list_value_length(table["token_ids"])).as_py()
-    meta = pq.ParquetFile(part).metadata
-    column_bytes = {meta.row_group(0).column(i).path_in_schema.split(".")[0]: 0 for i in range(meta.num_columns)}
+    print(f"storage: {len(table)} traces, {tokens} completion tokens, {entries} top-k entries "
+          f"({entries / tokens:.1f} per token)")
+    before = table.drop_columns(["rest_logprobs", "prompt_token_ids"])
+    for label, t in (("without rest_logprobs, prompt_token_ids", before), ("as tracegen writes it", table)):
+        path = part.with_name(f"rewritten-{len(t.column_names)}.parquet")
+        pq.write_table(t, path, compression="zstd")  # as tracegen's store writes a part
+        columns = column_bytes(path)
+        size = path.stat().st_size
+        extra = "".join(f", {name} {columns[name] / entries:.3f}" for name in ("rest_logprobs", "prompt_token_ids")
+                        if name in columns)
+        print(f"  {label:42s} {size / entries:.3f} bytes per top-k entry (whole file; top_ids "
+              f"{columns['top_ids'] / entries:.3f}, top_logprobs {columns['top_logprobs'] / entries:.3f}{extra}), "
+              f"{size / tokens:.1f} per completion token, {size} bytes")
+
+
+def column_bytes(path: Path) -> dict[str, int]:
+    meta = pq.ParquetFile(path).metadata
+    out = {}
     for g in range(meta.num_row_groups):
         for i in range(meta.num_columns):
             column = meta.row_group(g).column(i)
-            column_bytes[column.path_in_schema.split(".")[0]] += column.total_compressed_size
-    size = part.stat().st_size
-    top = column_bytes["top_ids"] + column_bytes["top_logprobs"]
-    print(f"storage: {len(table)} traces, {tokens} completion tokens, {entries} top-k entries "
-          f"({entries / tokens:.1f} per token), {size} bytes")
-    print(f"  bytes per top-k entry: {size / entries:.2f} (whole file)  {top / entries:.2f} (top_ids + "
-          f"top_logprobs columns: {column_bytes['top_ids'] / entries:.2f} + "
-          f"{column_bytes['top_logprobs'] / entries:.2f})   target <= 6")
-    print(f"  bytes per completion token: {size / tokens:.1f}")
+            name = column.path_in_schema.split(".")[0]
+            out[name] = out.get(name, 0) + column.total_compressed_size
+    return out
 
 
 # ---------------------------------------------------------------------------------------- 2. step time
@@ -100,8 +114,8 @@ def step_time(trainer_cls, model, dataset, tokenizer, batch: int, steps: int, ou
 def compare_steps(label: str, make_model, kd_data, tokenizer, batch: int, steps: int, out: Path) -> None:
     sft_data = kd_data.select_columns(["input_ids", "labels"])
     sft = step_time(SFTTrainer, make_model(), sft_data, tokenizer, batch, steps, out / "sft")
-    kd = step_time(SparseKDTrainer, make_model(), kd_data, tokenizer, batch, steps, out / "kd", kd_alpha=0.5,
-                   kd_temperature=1.0, kd_chunk_size=1024)
+    kd = step_time(DistillTrainer, make_model(), kd_data, tokenizer, batch, steps, out / "kd",
+                   distill=DistillArguments(dataset="unused", kd="sparse", kd_alpha=0.5, kd_chunk_size=1024))
     tokens = sum(len(r) for r in kd_data[: batch]["input_ids"])
     print(f"{label}: SFT step {sft * 1000:.0f} ms, KD step {kd * 1000:.0f} ms, ratio {kd / sft:.2f}   "
           f"(target <= 1.25; batch {batch}, ~{tokens} tokens per step, median of {steps})")
@@ -125,11 +139,12 @@ def random_kd_rows(vocab: int, rows: int, length: int, k: int) -> datasets.Datas
     for _ in range(rows):
         ids = rng.integers(0, vocab, length)
         top = rng.integers(0, vocab, (length, k)).astype(np.int32)
-        logprobs = np.log(rng.dirichlet(np.ones(k + 1), length)[:, :k]).astype(np.float16)
+        probs = np.log(rng.dirichlet(np.ones(k + 1), length))
+        logprobs, rest = probs[:, :k].astype(np.float16), probs[:, k].astype(np.float32)
         prompt = 32
-        top[:prompt], logprobs[:prompt] = -1, -np.inf
+        top[:prompt], logprobs[:prompt], rest[:prompt] = -1, -np.inf, -np.inf
         out.append({"input_ids": ids.tolist(), "labels": [-100] * prompt + ids[prompt:].tolist(),
-                    "teacher_top_ids": top, "teacher_top_logprobs": logprobs})
+                    "teacher_top_ids": top, "teacher_top_logprobs": logprobs, "teacher_rest_logprobs": rest})
     return datasets.Dataset.from_list(out)
 
 
@@ -153,13 +168,14 @@ def memory_probe(kind: str, positions: int, vocab: int, hidden_size: int, k: int
     weight = (0.05 * torch.randn(vocab, hidden_size, generator=g)).requires_grad_()
     labels = torch.randint(0, vocab, (1, positions + 1), generator=g)
     top_ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(positions + 1)])[None]
-    top_logprobs = torch.log(torch.distributions.Dirichlet(torch.ones(k + 1)).sample((1, positions + 1))[..., :k])
+    probs = torch.log(torch.distributions.Dirichlet(torch.ones(k + 1)).sample((1, positions + 1)))
+    top_logprobs, rest = probs[..., :k], probs[..., k]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if kind == "dense":
         loss = dense_kd_loss(hidden[0, :-1], weight, labels[0, 1:], top_ids[0, 1:], top_logprobs[0, 1:], 0.5)
     else:
-        loss = sparse_kd_loss(hidden, weight, None, labels, top_ids, top_logprobs, 0.5, 1.0, chunk)[0]
+        loss = sparse_kd_loss(hidden, OutputHead(weight), labels, top_ids, top_logprobs, rest, 0.5, 0.5, 1.0, chunk)[0]
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"peak_mb": (peak - before) / 1024, "seconds": time.perf_counter() - start}))

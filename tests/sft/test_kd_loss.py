@@ -1,4 +1,4 @@
-"""The chunked sparse-KD loss (sft/kd.py) against a dense reference written out by hand, and the tokenizer check."""
+"""The chunked sparse-KD loss (sft/losses.py) against a dense reference written out by hand, and the tokenizer check."""
 
 import json
 
@@ -6,35 +6,44 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from sft.kd import check_same_tokenizer, sparse_kd_loss
+from sft.config import ConfigError
+from sft.losses import OutputHead, head_logits, sparse_kd_loss
+from sft.teacher import check_same_tokenizer
 
 V, H = 40, 12
 
 
 def batch(seed=0, k=4):
-    """3 sequences of different lengths (prompt -100, right padding -100), top-k lists with pads and k+1 rows."""
+    """3 sequences of different lengths (prompt -100, right padding -100), top-k lists with pads and k+1 rows, the
+    exact rest mass of each teacher distribution."""
     g = torch.Generator().manual_seed(seed)
     lengths, prompts, T = [9, 6, 8], [3, 2, 4], 9
     labels = torch.full((3, T), -100)
     top_ids = torch.full((3, T, k + 1), -1)
     top_logprobs = torch.full((3, T, k + 1), -torch.inf)
+    rest = torch.full((3, T), -torch.inf)
     for b, (n, p) in enumerate(zip(lengths, prompts, strict=True)):
         labels[b, p:n] = torch.randint(0, V, (n - p,), generator=g)
         for t in range(p, n):
             width = k + 1 if (b + t) % 3 == 0 else k - (t % 2)  # k+1 (vLLM adds the sampled token), k, k-1
             ids = torch.randperm(V, generator=g)[:width]
-            teacher_logits = 3 * torch.randn(V, generator=g)
+            teacher = torch.log_softmax(3 * torch.randn(V, generator=g), 0)
             top_ids[b, t, :width] = ids
-            top_logprobs[b, t, :width] = torch.log_softmax(teacher_logits, 0)[ids]
+            top_logprobs[b, t, :width] = teacher[ids]
+            rest[b, t] = teacher.scatter(0, ids, -torch.inf).logsumexp(0)
     hidden = torch.randn(3, T, H, generator=g, requires_grad=True)
     weight = (0.5 * torch.randn(V, H, generator=g)).requires_grad_()
     bias = (0.1 * torch.randn(V, generator=g)).requires_grad_()
-    return hidden, weight, bias, labels, top_ids, top_logprobs
+    return hidden, weight, bias, labels, top_ids, top_logprobs, rest
 
 
-def dense_reference(hidden, weight, bias, labels, top_ids, top_logprobs, alpha, temperature):
+def dense_reference(hidden, head: OutputHead, labels, top_ids, top_logprobs, rest, alpha, temperature):
     """Explicit float64 softmax over the whole vocabulary, position by position."""
-    logits = (hidden.double() @ weight.double().T + bias.double()).log_softmax(-1)
+    logits = hidden.double() @ head.weight.double().T + head.bias.double()
+    logits = logits * head.scale
+    if head.softcap is not None:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    logits = logits.log_softmax(-1)
     loss = ce_total = kl_total = 0.0
     for b in range(labels.shape[0]):
         for t in range(1, labels.shape[1]):
@@ -47,7 +56,7 @@ def dense_reference(hidden, weight, bias, labels, top_ids, top_logprobs, alpha, 
             outside = torch.ones(V, dtype=torch.bool)
             outside[ids] = False
             student = torch.cat([logq[ids], logq[outside].logsumexp(0, keepdim=True)])
-            teacher = torch.cat([teacher_top, torch.log1p(-teacher_top.exp().sum()).reshape(1)])
+            teacher = torch.cat([teacher_top, rest[b, t].double().reshape(1)])
             log_ps = torch.log_softmax(student / temperature, 0)
             log_pt = torch.log_softmax(teacher / temperature, 0)
             kl = (log_pt.exp() * (log_pt - log_ps)).sum()
@@ -56,16 +65,21 @@ def dense_reference(hidden, weight, bias, labels, top_ids, top_logprobs, alpha, 
     return loss, ce_total, kl_total
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_sparse_loss_and_gradients_equal_the_dense_reference(temperature, alpha):
-    hidden, weight, bias, labels, top_ids, top_logprobs = batch()
-    ref, ref_ce, ref_kl = dense_reference(hidden, weight, bias, labels, top_ids, top_logprobs, alpha, temperature)
+HEADS = {"plain": {}, "logit_scale": {"scale": 0.25}, "softcap": {"softcap": 2.0}, "both": {"scale": 3.0,
+                                                                                         "softcap": 2.0}}
+
+
+@pytest.mark.parametrize("temperature, alpha, transform", [
+    *((t, a, "plain") for t in (1.0, 2.0, 0.7) for a in (0.0, 0.5, 1.0)), *((2.0, 0.4, h) for h in HEADS)])
+def test_sparse_loss_and_gradients_equal_the_dense_reference(temperature, alpha, transform):
+    hidden, weight, bias, labels, top_ids, top_logprobs, rest = batch()
+    head = OutputHead(weight, bias, **HEADS[transform])
+    ref, ref_ce, ref_kl = dense_reference(hidden, head, labels, top_ids, top_logprobs, rest, alpha, temperature)
     ref_grads = torch.autograd.grad(ref, (hidden, weight, bias))
     n_tokens = int((labels[:, 1:] != -100).sum())
     for chunk in (1, 3, n_tokens):  # 3 does not divide the 14 completion tokens
-        loss, ce, kl, n = sparse_kd_loss(hidden, weight, bias, labels, top_ids, top_logprobs, alpha, temperature,
-                                         chunk)
+        loss, ce, kl, n = sparse_kd_loss(hidden, head, labels, top_ids, top_logprobs, rest, alpha,
+                                         (1 - alpha) * temperature**2, temperature, chunk)
         assert n == n_tokens == 14
         torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ce.double(), ref_ce.detach(), rtol=1e-5, atol=1e-5)
@@ -76,22 +90,44 @@ def test_sparse_loss_and_gradients_equal_the_dense_reference(temperature, alpha)
 
 
 def test_kl_is_zero_when_the_student_is_the_teacher_at_any_temperature():
-    hidden, weight, bias, labels, top_ids, _ = batch(seed=1)
-    student = torch.log_softmax(hidden @ weight.T + bias, -1).detach()
-    # the teacher's top-k logprobs are the student's own, at the next position's prediction
+    hidden, weight, bias, labels, top_ids, _, _ = batch(seed=1)
+    head = OutputHead(weight, bias, softcap=2.0)
+    student = torch.log_softmax(head_logits(hidden.reshape(-1, H), head).reshape(3, 9, V), -1).detach()
+    # the teacher's top-k logprobs and rest are the student's own, at the next position's prediction
     own = torch.full(top_ids.shape, -torch.inf)
     own[:, 1:] = student[:, :-1].gather(-1, top_ids[:, 1:].clamp(min=0)).masked_fill(top_ids[:, 1:] < 0, -torch.inf)
+    rest = torch.full(labels.shape, -torch.inf)
+    listed = torch.where(top_ids >= 0, top_ids, top_ids[..., :1])[:, 1:].clamp(min=0)  # pads repeat a listed id
+    outside = student[:, :-1].scatter(-1, listed, -torch.inf)
+    rest[:, 1:] = outside.logsumexp(-1)
     for temperature in (1.0, 3.0):
-        _, _, kl, _ = sparse_kd_loss(hidden, weight, bias, labels, top_ids, own, 0.0, temperature, 4)
+        _, _, kl, _ = sparse_kd_loss(hidden, head, labels, top_ids, own, rest, 0.0, 1.0, temperature, 4)
         assert abs(kl.item()) < 1e-5
-    _, _, kl, _ = sparse_kd_loss(hidden, weight, bias, labels, top_ids, own + 0.3 * torch.randn(own.shape), 0.0,
+    _, _, kl, _ = sparse_kd_loss(hidden, head, labels, top_ids, own + 0.3 * torch.randn(own.shape), rest, 0.0, 1.0,
                                  1.0, 4)
     assert kl.item() > 1e-2
 
 
+def test_top_k_over_the_whole_vocabulary_is_the_dense_tempered_kl():
+    """k = V in float16, as stored: the sparse KL is the full-vocabulary KL of the tempered distributions."""
+    hidden, weight, bias, labels, _, _, _ = batch(seed=3)
+    g = torch.Generator().manual_seed(4)
+    teacher = torch.log_softmax(3 * torch.randn(3, 9, V, generator=g), -1).half().float()  # float16, as stored
+    top_ids = torch.arange(V).expand(3, 9, V).clone()
+    rest = torch.full(labels.shape, -torch.inf)  # nothing outside
+    for temperature in (1.0, 2.0):
+        _, _, kl, n = sparse_kd_loss(hidden, OutputHead(weight, bias), labels, top_ids, teacher, rest, 0.0, 1.0,
+                                     temperature, 5)
+        mask = labels[:, 1:] != -100
+        log_ps = ((hidden.double() @ weight.double().T + bias.double())[:, :-1][mask] / temperature).log_softmax(-1)
+        log_pt = (teacher.double()[:, 1:][mask] / temperature).log_softmax(-1)
+        dense = (log_pt.exp() * (log_pt - log_ps)).sum()
+        assert kl.item() == pytest.approx(dense.item(), rel=1e-5)
+
+
 def test_no_top_k_is_plain_cross_entropy():
-    hidden, weight, bias, labels, _, _ = batch(seed=2)
-    loss, ce, kl, n = sparse_kd_loss(hidden, weight, bias, labels, None, None, 1.0, 1.0, 5)
+    hidden, weight, bias, labels, _, _, _ = batch(seed=2)
+    loss, ce, kl, n = sparse_kd_loss(hidden, OutputHead(weight, bias), labels, chunk_size=5)
     want = torch.nn.functional.cross_entropy((hidden @ weight.T + bias)[:, :-1].reshape(-1, V),
                                              labels[:, 1:].reshape(-1), reduction="sum")
     torch.testing.assert_close(loss, want)
@@ -117,7 +153,7 @@ def test_a_student_with_another_vocabulary_is_refused(toyworld, tmp_path):
     check_same_tokenizer(teacher, teacher)
     student, (a, b) = permuted_tokenizer(toyworld, tmp_path)
     assert len(student) == len(teacher)
-    with pytest.raises(ValueError, match="teacher_model") as refused:
+    with pytest.raises(ConfigError, match="teacher_model") as refused:
         check_same_tokenizer(student, toyworld.tokenizer)
     assert "2 tokens have other ids" in str(refused.value) and repr(a) in str(refused.value)
     assert str(toyworld.tokenizer) in str(refused.value)
@@ -127,5 +163,5 @@ def test_a_student_with_other_special_tokens_is_refused(toyworld):
     teacher = AutoTokenizer.from_pretrained(toyworld.tokenizer)
     student = AutoTokenizer.from_pretrained(toyworld.tokenizer)
     student.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
-    with pytest.raises(ValueError, match=r"teacher_model.*only in the student.*<\|tool\|>.*special tokens differ"):
+    with pytest.raises(ConfigError, match=r"teacher_model.*only in the student.*<\|tool\|>.*special tokens differ"):
         check_same_tokenizer(student, teacher)

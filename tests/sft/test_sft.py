@@ -84,14 +84,13 @@ def test_the_loss_mask_is_exactly_the_assistant_turn(toyworld, curated):
 
 
 def test_assistant_only_loss_false_trains_on_every_token(toyworld, curated, tmp_path, caplog):
-    from types import SimpleNamespace
-
+    from sft.config import DistillArguments
     from sft.main import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(toyworld.student)
     rows = load_curated(str(curated)).select(range(2))
     template = training_template(tokenizer, None)
-    args = SimpleNamespace(kd="none")
+    args = DistillArguments(dataset=str(curated))
     masked, whole = prepare(rows, tokenizer, template, args), prepare(rows, tokenizer, template, args, True)
     for m, w in zip(masked, whole, strict=True):
         assert w["labels"] == w["input_ids"] == m["input_ids"]
@@ -102,6 +101,17 @@ def test_assistant_only_loss_false_trains_on_every_token(toyworld, curated, tmp_
     assert run(toyworld, curated, tmp_path / "kd", "--assistant_only_loss", "false", "--kd", "online",
                "--teacher_model", str(toyworld.student)) == 2
     assert "assistant_only_loss: false cannot be combined with kd" in caplog.text
+
+
+def test_online_kd_at_kd_alpha_1_trains_on_cross_entropy(toyworld, curated, tmp_path):
+    """kd_alpha 1 makes the loss cross-entropy alone: the step must move every weight, and both parts are logged."""
+    out = tmp_path / "online"
+    assert run(toyworld, curated, out, "--max_steps", "1", "--kd", "online", "--teacher_model", str(toyworld.teacher),
+               "--kd_alpha", "1.0") == 0
+    before, after = weights(toyworld.student), weights(out)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    (logged,) = [h for h in json.loads((out / "sft_metrics.json").read_text())["log_history"] if "loss" in h]
+    assert logged["kd"] > 0 and logged["loss"] == pytest.approx(logged["ce"], rel=1e-4)
 
 
 def test_max_length_is_derived_checked_and_never_truncates(toyworld, curated, tmp_path, caplog):
@@ -142,6 +152,12 @@ def test_config_errors_name_the_field(toyworld, curated, tmp_path, caplog):
     pq.write_table(pq.read_table(next(curated.glob("*.parquet"))).slice(0, 0), empty / "train-00000.parquet")
     assert run(toyworld, empty, tmp_path / "v") == 2
     assert "has no rows (did filter reject every trace?" in caplog.text
+    for flags, message in ((["--kd", "sparse", "--kd_divergence", "reverse"], "kd_divergence: reverse needs"),
+                           (["--kd", "online", "--teacher_model", "t", "--kd_top_k", "5"], "kd_top_k: "),
+                           (["--kd", "online", "--teacher_model", "t", "--packing", "true"], "packing / padding_free"),
+                           (["--chat_template", "no-such.jinja"], "chat_template: no such file: no-such.jinja")):
+        assert run(toyworld, curated, tmp_path / "u", *flags) == 2
+        assert message in caplog.text
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"dataset: {curated}\nmodel_name_or_path: {toyworld.student}\nlerning_rate: 0.1\n")
     assert main(["--config", str(bad), "--output_dir", str(tmp_path / "w")]) == 2
@@ -153,3 +169,13 @@ def test_curated_sets_load_from_a_folder_a_file_or_a_glob(curated):
     for source in (str(curated), str(file), str(curated / "*.parquet")):
         assert len(load_curated(source)) == 48
     assert isinstance(load_curated(str(curated)), datasets.Dataset)
+
+
+def test_a_bug_keeps_its_traceback(toyworld, curated, tmp_path, monkeypatch):
+    """Only the errors the stage raises on purpose become "exit 2"; anything else is a bug and propagates."""
+    def broken(*args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr("sft.main.load_curated", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        run(toyworld, curated, tmp_path / "bug")
