@@ -27,6 +27,8 @@ from sft.losses import DIVERGENCE_BETA, online_divergence, sparse_kd_loss
 
 
 class DistillTrainer(SFTTrainer):
+    """SFTTrainer for kd: sparse (the teacher's top-k in the batch) or kd: online (`teacher_model` in process)."""
+
     loss_is_scaled_for_ga = True  # compute_loss divides by the accumulated batch's tokens itself
 
     def __init__(self, *args, distill: DistillArguments, teacher_model=None, **kwargs):
@@ -73,7 +75,7 @@ class DistillTrainer(SFTTrainer):
             check_output_head(lm, head, inputs, "model_name_or_path")
         weights, temperature, labels = self.part_weights(), self.kd_temperature(), inputs["labels"]
         chunk = self.distill.kd_chunk_size
-        if self.teacher_model is None:  # sparse: the teacher's top-k and rest come with the batch
+        if self.distill.kd == "sparse":  # the teacher's top-k and rest come with the batch
             loss, ce, kd, tokens = sparse_kd_loss(
                 student.last_hidden_state, head, labels, inputs["teacher_top_ids"], inputs["teacher_top_logprobs"],
                 inputs["teacher_rest_logprobs"], weights["ce"], weights["kd"], temperature, chunk)

@@ -80,6 +80,8 @@ def test_sigterm_mid_run_stops_the_server_then_a_rerun_completes(teacher, tmp_pa
         assert all(1 <= len(ids) <= 6 and len(ids) == len(lps) for ids, lps in zip(lp["top_ids"],
                                                                                   lp["top_logprobs"], strict=True))
         assert all(-50 < x <= 0 for x in lp["logprobs"])
+        assert len(lp["prompt_token_ids"]) == by_id[lp["trace_id"]]["prompt_tokens"]  # vLLM's return_token_ids
+        assert len(lp["rest_logprobs"]) == len(lp["token_ids"]) and all(r <= 0 for r in lp["rest_logprobs"])
     summary = json.loads((out / "tracegen.summary.json").read_text())
     assert summary["samples_done"] == summary["samples_expected"] == 80
 
