@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from transformers import AutoTokenizer
 
 from tracegen.main import main
 from tracegen.records import TRACE_SCHEMA
@@ -74,13 +75,18 @@ def test_sigterm_mid_run_stops_the_server_then_a_rerun_completes(teacher, tmp_pa
     assert all(t["error"] is None and t["completion_tokens"] >= 1 for t in traces)
     by_id = {t["trace_id"]: t for t in traces}
     logprobs = pq.read_table(out / "logprobs").to_pylist()
+    tokenizer = AutoTokenizer.from_pretrained(model)
     assert sorted(lp["trace_id"] for lp in logprobs) == sorted(by_id)
     for lp in logprobs:
         assert len(lp["token_ids"]) == len(lp["logprobs"]) == by_id[lp["trace_id"]]["completion_tokens"]
         assert all(1 <= len(ids) <= 6 and len(ids) == len(lps) for ids, lps in zip(lp["top_ids"],
                                                                                   lp["top_logprobs"], strict=True))
         assert all(-50 < x <= 0 for x in lp["logprobs"])
-        assert len(lp["prompt_token_ids"]) == by_id[lp["trace_id"]]["prompt_tokens"]  # vLLM's return_token_ids
+        # the prompt as vLLM tokenized it (return_token_ids) is the one sft renders for KD
+        trace = by_id[lp["trace_id"]]
+        assert lp["prompt_token_ids"] == tokenizer.apply_chat_template(json.loads(trace["messages"]),
+                                                                       add_generation_prompt=True, return_dict=False)
+        assert len(lp["prompt_token_ids"]) == trace["prompt_tokens"]
         assert len(lp["rest_logprobs"]) == len(lp["token_ids"]) and all(r <= 0 for r in lp["rest_logprobs"])
     summary = json.loads((out / "tracegen.summary.json").read_text())
     assert summary["samples_done"] == summary["samples_expected"] == 80
