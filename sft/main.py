@@ -50,8 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train(resume_from_checkpoint=last)
     # --- save and report ------------------------------------------------------------------------------------
     out = Path(training_args.output_dir)
+    if args.qat != "none":
+        from sft.qat import strip_fake_quantization
+
+        strip_fake_quantization(trainer.model)  # the float weights are saved as a plain model
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
+    if args.qat != "none":
+        from sft.qat import save_converted
+
+        save_converted(out, args.qat)
     if args.merge:
         save_merged(trainer.model, tokenizer, out / "merged")
     metrics = write_metrics(out, trainer, result, len(dataset), dropped, training_args.max_length,
@@ -136,6 +144,13 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
     model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
                                                  dtype=dtype, attn_implementation=model_args.attn_implementation)
     peft_config = get_peft_config(model_args)
+    if args.qat != "none":
+        if peft_config is not None:
+            raise ConfigError("qat: needs full fine-tuning (use_peft: false); quantize a merged LoRA student with "
+                              "python -m sft.quantize instead")
+        from sft.qat import prepare_qat
+
+        prepare_qat(model, args.qat)
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                   peft_config=peft_config)
     kd = dict(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature, kd_chunk_size=args.kd_chunk_size)
