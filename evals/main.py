@@ -6,7 +6,8 @@ temperature 0.6 / top_p 0.95, pass@1 as their mean, unbiased pass@k and maj@k (k
 through tracegen (any engine it has), one run per benchmark into <output_dir>/generations/<model>/<benchmark>/,
 so a rerun resumes; a managed server (serve_model) is started once and serves every benchmark. Outputs:
 <output_dir>/samples/<model>/<benchmark>.parquet, scores.json (every model evaluated into output_dir) and
-report.md. Exit codes: 0 done, 1 scored but some samples could not be generated (counted as wrong; rerun to
+report.md; with `efficiency` (default for local models) each benchmark's scores carry latency, throughput and
+memory measured on the engine that generated (evals/efficiency.py). Exit codes: 0 done, 1 scored but some samples could not be generated (counted as wrong; rerun to
 retry them), 2 a config or input error (named).
 """
 

@@ -6,7 +6,8 @@ Fine-tunes a student on a curated set with TRL's SFTTrainer: full fine-tuning, o
 the reasoning inside <think>, or with `assistant_only_loss: false` set every token of the conversation, prompt
 included (TRL's own default for conversations; it teaches a model trained from scratch to read the prompt).
 With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs (sft/kd.py), with `kd: online` to a
-local teacher's full logits. Writes <output_dir>/ (model or adapter,
+local teacher's full logits. With `qat: int8|int4|w8a8` the student trains through torchao's fake quantization
+and <output_dir>/quantized/ gets the converted model (sft/qat.py). Writes <output_dir>/ (model or adapter,
 tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
 checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
 """
