@@ -7,8 +7,8 @@ through tracegen (any engine it has), one run per benchmark into <output_dir>/ge
 so a rerun resumes; a managed server (serve_model) is started once and serves every benchmark. Outputs:
 <output_dir>/samples/<model>/<benchmark>.parquet, scores.json (every model evaluated into output_dir) and
 report.md; with `efficiency` (default for local models) each benchmark's scores carry latency, throughput and
-memory measured on the engine that generated (evals/efficiency.py). Exit codes: 0 done, 1 scored but some samples could not be generated (counted as wrong; rerun to
-retry them), 2 a config or input error (named).
+memory measured on the engine that generated (evals/efficiency.py). Exit codes: 0 done, 1 scored but some
+samples could not be generated (counted as wrong; rerun to retry them), 2 a config or input error (named).
 """
 
 import contextlib
