@@ -35,13 +35,13 @@ log = logging.getLogger(__name__)
 SAMPLE_EVERY_S = 0.02
 
 
-def measure_efficiency(cfg, prompts: dict[str, list[list[dict]]]) -> dict[str, dict]:
+def measure_efficiency(cfg, prompts: dict[str, list[list[dict]]], serve_model: str | None = None) -> dict[str, dict]:
     """{benchmark: efficiency record} for the model `cfg` (an EvalsConfig) generates with; prompts: per
     benchmark, the chat messages of its first problems. An in-process engine is measured in a fresh process
     (spawned): its memory is then the model's and the libraries', not what evals held before, and a GPU holds
-    one vLLM engine at a time."""
+    one vLLM engine at a time. serve_model: the directory a managed server (base_url) serves."""
     if cfg.engine == "http":
-        return measure_here(cfg, prompts)
+        return measure_here(cfg, prompts, serve_model or cfg.serve_model)
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
@@ -49,15 +49,15 @@ def measure_efficiency(cfg, prompts: dict[str, list[list[dict]]]) -> dict[str, d
         return pool.apply(measure_here, (cfg, prompts))
 
 
-def measure_here(cfg, prompts: dict[str, list[list[dict]]]) -> dict[str, dict]:
+def measure_here(cfg, prompts: dict[str, list[list[dict]]], serve_model: str | None = None) -> dict[str, dict]:
     tokens = cfg.efficiency_tokens
     with PeakRss(include_self=cfg.engine != "http") as peak:
         rss_before = peak.current()
-        engine = open_engine(cfg)
+        engine = open_engine(cfg, serve_model)
         try:
             engine.run(next(iter(prompts.values()))[:1], batch=1, tokens=2)  # warm-up, untimed
             measured = {name: _measure(engine, cfg, msgs, tokens) for name, msgs in prompts.items()}
-            static = {"engine": engine.describe(), "hardware": hardware(cfg), "weights_bytes": engine.weights_bytes(),
+            static = {"engine": engine.describe(), "hardware": hardware(cfg, serve_model), "weights_bytes": engine.weights_bytes(),
                       "peak_gpu_bytes": engine.peak_gpu_bytes(), "tokens_per_request": tokens}
         finally:
             engine.close()
@@ -101,12 +101,12 @@ def _percentiles(seconds: list[float]) -> dict:
 # ----------------------------------------------------------------------------- engines
 
 
-def open_engine(cfg):
+def open_engine(cfg, serve_model: str | None = None):
     if cfg.engine == "hf":
         return HfTimer(cfg)
     if cfg.engine == "vllm":
         return VllmTimer(cfg)
-    return HttpTimer(cfg)
+    return HttpTimer(cfg, serve_model)
 
 
 class HfTimer:
@@ -241,10 +241,10 @@ class VllmTimer:
 class HttpTimer:
     """An OpenAI-compatible server (a managed vLLM server or base_url): streamed chat completions."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, serve_model: str | None):
         import httpx
 
-        self.cfg = cfg
+        self.cfg, self.serve_model = cfg, serve_model
         self.url = cfg.base_url[0].rstrip("/") + "/chat/completions"
         key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
         self.client = httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"} if key else {})
@@ -289,16 +289,16 @@ class HttpTimer:
             return sum(pool.map(one, wave))
 
     def weights_bytes(self):
-        return checkpoint_bytes(self.cfg.serve_model) if self.cfg.serve_model else None
+        return checkpoint_bytes(self.serve_model) if self.serve_model else None
 
     def peak_gpu_bytes(self):
         return None
 
     def config_source(self) -> str | None:
-        return self.cfg.serve_model  # a served name is not a config we can read
+        return self.serve_model  # a served name is not a config we can read
 
     def describe(self) -> str:
-        where = f"managed vLLM server for {self.cfg.serve_model}" if self.cfg.serve_model else "remote server"
+        where = f"managed vLLM server for {self.serve_model}" if self.serve_model else "remote server"
         return f"http ({where}, {self.cfg.base_url[0]})"
 
     def close(self):
@@ -394,7 +394,7 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def hardware(cfg) -> dict:
+def hardware(cfg, serve_model: str | None = None) -> dict:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -407,6 +407,6 @@ def hardware(cfg) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     record = {"cpu": cpu, "cpus": len(os.sched_getaffinity(0)), "memory_gib": memory, "gpu": gpu,
               "torch": torch.__version__}
-    if cfg.engine == "http" and not cfg.serve_model:
+    if cfg.engine == "http" and not serve_model:
         record["note"] = "the model ran on the remote server; this is the client's hardware"
     return record

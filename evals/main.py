@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             benches = {name: replace(b, problems=b.problems[:cfg.limit]) for name, b in benches.items()}
             with shared_server(cfg, len(benches)) as gen_cfg:
                 samples = {name: generate(gen_cfg, bench) for name, bench in benches.items()}
-                efficiency = measure(gen_cfg, benches) if cfg.measures_efficiency else {}
+                efficiency = measure(gen_cfg, benches, cfg.serve_model) if cfg.measures_efficiency else {}
         # --- grade ----------------------------------------------------------------------------------------
         grade_all(cfg, benches, samples)
         # --- score ----------------------------------------------------------------------------------------
@@ -106,12 +106,12 @@ def shared_server(cfg: EvalsConfig, n_benchmarks: int):
 
 
 
-def measure(cfg: EvalsConfig, benches: dict[str, Benchmark]) -> dict[str, dict]:
+def measure(cfg: EvalsConfig, benches: dict[str, Benchmark], serve_model: str | None) -> dict[str, dict]:
     """Latency, throughput and memory per benchmark (evals/efficiency.py), on the engine that generated."""
     prompts = {name: [make_renderer(prompt_template(cfg, b), None)(p) for p in b.problems[:cfg.efficiency_prompts]]
                for name, b in benches.items()}
     try:
-        return measure_efficiency(cfg, prompts)
+        return measure_efficiency(cfg, prompts, serve_model)
     except Exception as e:  # broad on purpose: a failed measurement must not lose the samples already paid for
         log.error("efficiency: measurement failed (%s: %s); scores are kept without it", type(e).__name__, e)
         return {name: {"error": f"{type(e).__name__}: {e}"} for name in benches}
