@@ -92,6 +92,15 @@ class EvalsConfig:
     tracegen_args: str | None = _help(
         'Any other tracegen flags, e.g. "--timeout_s 7200 --extra_body {\\"top_k\\":20}" (recorded in the '
         "protocol).", default=None)
+    # --- efficiency (evals/efficiency.py) ---------------------------------------------------------------
+    efficiency: bool | None = _help(
+        "Measure latency, throughput and memory on the engine that generated. Default: on for engine hf/vllm "
+        "and serve_model, off for base_url (a remote API bills the tokens; its latency includes the network).",
+        default=None)
+    efficiency_prompts: int = _help("Prompts per benchmark timed at batch 1 (the benchmark's first ones).",
+                                    default=4)
+    efficiency_tokens: int = _help("Tokens each timed request generates (EOS ignored: every model does the "
+                                   "same work).", default=32)
     # --- grading ----------------------------------------------------------------------------------------
     grader_workers: int | None = _help("Parallel grading processes. Default: the number of CPUs.", default=None)
     math_timeout_s: float = _help("Seconds one math-verify comparison may take (then it is wrong: timeout).",
@@ -117,7 +126,10 @@ class EvalsConfig:
                 raise ConfigError(f"benchmarks: unknown benchmark {name!r}; known: {', '.join(known)}")
         if self.benchmarks is not None and len(set(self.benchmarks)) != len(self.benchmarks):
             raise ConfigError(f"benchmarks: listed twice in {self.benchmarks}")
-        _positive(self, "n", "concurrency", "batch_size")
+        _positive(self, "n", "concurrency", "batch_size", "efficiency_prompts")
+        if self.efficiency_tokens < 2:
+            raise ConfigError(f"efficiency_tokens: must be >= 2 (per-token latency needs two), got "
+                              f"{self.efficiency_tokens}")
         for name in ("limit", "max_tokens", "grader_workers", "samples_per_request"):
             if getattr(self, name) is not None:
                 _positive(self, name)
@@ -145,6 +157,12 @@ class EvalsConfig:
     @property
     def grade_only(self) -> bool:
         return bool(self.completions)
+
+    @property
+    def measures_efficiency(self) -> bool:
+        if self.grade_only:
+            return False
+        return self.efficiency if self.efficiency is not None else self.engine != "http" or bool(self.serve_model)
 
     def save(self, path: Path) -> None:
         """The resolved config, next to the results. Holds the key's variable name, never the key."""

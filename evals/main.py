@@ -6,8 +6,9 @@ temperature 0.6 / top_p 0.95, pass@1 as their mean, unbiased pass@k and maj@k (k
 through tracegen (any engine it has), one run per benchmark into <output_dir>/generations/<model>/<benchmark>/,
 so a rerun resumes; a managed server (serve_model) is started once and serves every benchmark. Outputs:
 <output_dir>/samples/<model>/<benchmark>.parquet, scores.json (every model evaluated into output_dir) and
-report.md. Exit codes: 0 done, 1 scored but some samples could not be generated (counted as wrong; rerun to
-retry them), 2 a config or input error (named).
+report.md; with `efficiency` (default for local models) each benchmark's scores carry latency, throughput and
+memory measured on the engine that generated (evals/efficiency.py). Exit codes: 0 done, 1 scored but some
+samples could not be generated (counted as wrong; rerun to retry them), 2 a config or input error (named).
 """
 
 import contextlib
@@ -26,6 +27,7 @@ import yaml
 from evals.benchmarks import Benchmark, InputError, level_of, load_benchmark, max_tokens_for
 from evals.code_grader import CODE_GRADER_VERSION, CodeGrader, extract_code
 from evals.config import PUBLIC_BENCHMARKS, ConfigError, EvalsConfig, parse_config
+from evals.efficiency import measure_efficiency
 from evals.math_grader import GRADER_VERSION, MathGrader
 from evals.metrics import score
 from evals.report import publish, write_samples
@@ -60,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
             benches = {name: replace(b, problems=b.problems[:cfg.limit]) for name, b in benches.items()}
             with shared_server(cfg, len(benches)) as gen_cfg:
                 samples = {name: generate(gen_cfg, bench) for name, bench in benches.items()}
+                efficiency = measure(gen_cfg, benches, cfg.serve_model) if cfg.measures_efficiency else {}
         # --- grade ----------------------------------------------------------------------------------------
         grade_all(cfg, benches, samples)
         # --- score ----------------------------------------------------------------------------------------
         scores = {name: score_benchmark(cfg, benches[name], samples[name]) for name in benches}
+        for name, record in ({} if cfg.grade_only else efficiency).items():
+            scores[name]["efficiency"] = record
     except (ConfigError, InputError, ProblemError, OSError) as e:
         log.error("%s", e)
         return 2
@@ -88,7 +93,7 @@ def shared_server(cfg: EvalsConfig, n_benchmarks: int):
     """With serve_model and several benchmarks, one managed vLLM server for all of them (a start costs minutes
     for a big model); tracegen then talks to it as a base_url. Request keys are unchanged (same served name,
     endpoint "local"), so runs made either way resume each other."""
-    if cfg.engine != "http" or not cfg.serve_model or n_benchmarks < 2:
+    if cfg.engine != "http" or not cfg.serve_model or (n_benchmarks < 2 and not cfg.measures_efficiency):
         yield cfg
         return
     name = cfg.model or Path(cfg.serve_model).name
@@ -99,6 +104,17 @@ def shared_server(cfg: EvalsConfig, n_benchmarks: int):
     except ServerError as e:
         raise ConfigError(f"serve_model: {e}") from None
 
+
+
+def measure(cfg: EvalsConfig, benches: dict[str, Benchmark], serve_model: str | None) -> dict[str, dict]:
+    """Latency, throughput and memory per benchmark (evals/efficiency.py), on the engine that generated."""
+    prompts = {name: [make_renderer(prompt_template(cfg, b), None)(p) for p in b.problems[:cfg.efficiency_prompts]]
+               for name, b in benches.items()}
+    try:
+        return measure_efficiency(cfg, prompts, serve_model)
+    except Exception as e:  # broad on purpose: a failed measurement must not lose the samples already paid for
+        log.error("efficiency: measurement failed (%s: %s); scores are kept without it", type(e).__name__, e)
+        return {name: {"error": f"{type(e).__name__}: {e}"} for name in benches}
 
 
 def generate(cfg: EvalsConfig, bench: Benchmark) -> list[dict]:

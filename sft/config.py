@@ -20,6 +20,7 @@ from tracegen.config import ConfigError  # one "a setting is wrong" error across
 log = logging.getLogger(__name__)
 KD_MODES = ("none", "sparse", "online")
 DIVERGENCES = ("forward", "reverse", "jsd")
+QAT_SCHEMES = ("none", "int8", "int4", "w8a8")  # sft/qat.py
 
 
 def _help(text: str, **kw):
@@ -60,6 +61,9 @@ class DistillArguments:
         "teacher_model column).", default=None)
     kd_divergence: str = _help("online: forward, reverse or jsd (sparse: forward KL only).", default="forward")
     kd_jsd_beta: float = _help("online jsd: the mixture weight beta, in (0, 1).", default=0.5)
+    qat: str = _help("Quantization-aware training (sft/qat.py): none, int8, int4 or w8a8. The student trains "
+                     "through torchao's fake quantization; <output_dir>/quantized/ gets the converted model.",
+                     default="none")
 
     def __post_init__(self):
         self.chat_template_kwargs = _json_dict("chat_template_kwargs", self.chat_template_kwargs)
@@ -83,6 +87,8 @@ class DistillArguments:
                               f"{self.kd}")
         if self.kd_chunk_size < 1:
             raise ConfigError(f"kd_chunk_size: must be >= 1, got {self.kd_chunk_size}")
+        if self.qat not in QAT_SCHEMES:
+            raise ConfigError(f"qat: {self.qat!r} is not one of: {', '.join(QAT_SCHEMES)}")
         if self.kd == "online" and not self.teacher_model:
             raise ConfigError("teacher_model: required with kd: online (the local teacher model)")
 

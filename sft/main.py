@@ -6,7 +6,9 @@ Fine-tunes a student on a curated set with TRL's SFTTrainer: full fine-tuning, o
 the reasoning inside <think>, or with `assistant_only_loss: false` set every token of the conversation, prompt
 included (TRL's own default for conversations; it teaches a model trained from scratch to read the prompt).
 With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs, with `kd: online` to a local teacher's
-full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart). Writes <output_dir>/ (model or adapter,
+full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart). With `qat: int8|int4|w8a8` the student
+trains through torchao's fake quantization and <output_dir>/quantized/ gets the converted model (sft/qat.py).
+Writes <output_dir>/ (model or adapter,
 tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
 checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
 """
@@ -51,8 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train(resume_from_checkpoint=last)
     # --- save and report ------------------------------------------------------------------------------------
     out = Path(training_args.output_dir)
+    if args.qat != "none":
+        from sft.qat import strip_fake_quantization
+
+        strip_fake_quantization(trainer.model)  # the float weights are saved as a plain model
     trainer.save_model(str(out))
     tokenizer.save_pretrained(out)
+    if args.qat != "none":
+        from sft.qat import save_converted
+
+        save_converted(out, args.qat)
     if args.merge:
         save_merged(trainer.model, tokenizer, out / "merged")
     metrics = write_metrics(out, trainer, result, len(dataset), dropped, training_args.max_length,
@@ -135,8 +145,16 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
                                                      dtype=dtype, attn_implementation=model_args.attn_implementation)
     except OSError as e:
         raise ConfigError(f"model_name_or_path: cannot load {model_args.model_name_or_path!r}: {e}") from None
+    peft_config = get_peft_config(model_args)
+    if args.qat != "none":
+        if peft_config is not None:
+            raise ConfigError("qat: needs full fine-tuning (use_peft: false); quantize a merged LoRA student with "
+                              "python -m sft.quantize instead")
+        from sft.qat import prepare_qat
+
+        prepare_qat(model, args.qat)
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                  peft_config=get_peft_config(model_args))
+                  peft_config=peft_config)
     if args.kd == "none":
         return SFTTrainer(**common)
     from sft.teacher import load_teacher
