@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from tracegen.config import ConfigError  # one "a setting is wrong" error across the stages
+from data.config import ConfigError, config_file
+from data.config import parse_config as parse
 
 log = logging.getLogger(__name__)
 KD_MODES = ("none", "sparse", "online")
@@ -66,26 +67,18 @@ class DistillArguments:
 
 
 def parse_config(argv: list[str] | None = None):
-    """(DistillArguments, SFTConfig, ModelConfig, set_by_user) from --config file.yaml plus --field overrides."""
+    """(DistillArguments, SFTConfig, ModelConfig, set_by_user) from --config file.yaml plus --field overrides,
+    read by the stages' one parser (data/config.py)."""
     import torch
-    from trl import ModelConfig, SFTConfig, TrlParser
+    from trl import ModelConfig, SFTConfig
 
-    parser = TrlParser([DistillArguments, SFTConfig, ModelConfig], allow_abbrev=False, prog="python -m sft")
-    # TRL defaults to bf16, which SFTConfig refuses on a CPU: derive it from the device (a set value still wins)
-    parser.set_defaults(bf16=torch.cuda.is_available())
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if config_path and not Path(config_path).is_file():
-        raise ConfigError(f"--config: no such file: {config_path}")
-    try:
-        args, training_args, model_args = parser.parse_args_and_config(argv)
-    except ConfigError:
-        raise
-    except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+    # TRL defaults to bf16, which SFTConfig refuses on a CPU: derive it from the device (a set value still wins)
+    args, training_args, model_args = parse([DistillArguments, SFTConfig, ModelConfig], argv, "python -m sft",
+                                            defaults={"bf16": torch.cuda.is_available()})
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path: required (the student: a model directory or hub name)")
-    return args, training_args, model_args, _set_by_user(argv, config_path)
+    return args, training_args, model_args, _set_by_user(argv, config_file(argv))
 
 
 def _set_by_user(argv: list[str], config_path: str | None) -> set[str]:

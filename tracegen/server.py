@@ -40,7 +40,8 @@ def managed_vllm_server(model_path: str, served_name: str, extra_args: list[str]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), *extra_args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
+    shown = ["***" if before == "--api-key" else arg for before, arg in zip(["", *cmd], cmd, strict=True)]
+    log.info("starting vLLM: %s (log: %s)", " ".join(shown), log_path)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # own process group: we stop its workers too

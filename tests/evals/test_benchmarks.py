@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from evals.benchmarks import PUBLIC, InputError, benchmark_source, level_of, load_benchmark, max_tokens_for
+from data.config import InputError
+from evals.benchmarks import PUBLIC, benchmark_source, level_of, load_benchmark, max_tokens_for
 
 BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
 COUNTS = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "humaneval": 164, "humanevalplus": 164,

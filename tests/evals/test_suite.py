@@ -38,8 +38,8 @@ def no_hub(monkeypatch):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
 def test_every_evals_recipe_parses(recipe):
-    cfg = parse_config(["--config", str(recipe)])
-    assert cfg.output_dir.startswith("runs/") and cfg.benchmarks and cfg.model_name
+    cfg, engine = parse_config(["--config", str(recipe)])
+    assert cfg.output_dir.startswith("runs/") and cfg.benchmarks and cfg.model_name and engine.has_model
 
 
 # ----------------------------------------------------------------------------- grade-only, real data
@@ -173,7 +173,7 @@ def test_failed_generations_are_recorded_counted_wrong_and_exit_1(tmp_path, capl
     with FakeOpenAIServer() as server:
         code = main(["--output_dir", str(out), "--benchmarks", "p", "--custom_benchmarks",
                      json.dumps({"p": str(problems)}), "--base_url", server.base_url, "--model_name", "m",
-                     "--n", "2", "--tracegen_args", "--max_retries 1 --retry_backoff_s 0.01"])
+                     "--n", "2", "--max_retries", "1", "--retry_backoff_s", "0.01"])
     assert code == 1 and "2 samples could not be generated" in caplog.text
     scores = json.loads((out / "scores.json").read_text())["m"]["p"]
     assert (scores["pass@1"], scores["errors"], scores["reasons"]["generation_error"]) == (0.5, 2, 2)
@@ -194,7 +194,7 @@ def test_config_errors_exit_2_naming_the_setting(tmp_path, caplog):
         ([*base, "--top_p", "0"], "top_p"),
         (["--output_dir", str(tmp_path / "out")], "base_url / serve_model / model"),
         ([*base, "--math_prompt_template", "nope.jinja"], "math_prompt_template: no such file: nope.jinja"),
-        ([*base, "--tracegen_args", "--n 3"], "tracegen_args: --n is set by evals"),
+        ([*base, "--tracegen_args", "--n 3"], "tracegen_args: removed; set tracegen's settings as keys"),
         ([*base, "--custom_benchmarks", '{"gsm8k": "x.jsonl"}'], "custom_benchmarks: 'gsm8k'"),
         ([*base, "--benchmarks", "gsm8k", "--data_dir", str(tmp_path)], f"{tmp_path}/gsm8k/test.jsonl: no such file"),
         ([*base, "--benchmarks", "toy", "--custom_benchmarks", '{"toy": "missing.jsonl"}'], "missing.jsonl"),
