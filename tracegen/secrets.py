@@ -7,6 +7,7 @@ stages write, including the text of a server that echoes them back.
     public_url("http://u:p@host/v1?api_key=k&v=1")  # -> "http://***@host/v1?api_key=***&v=1"
 """
 
+import base64
 import re
 import urllib.parse
 
@@ -17,10 +18,13 @@ MIN_LENGTH = 4  # shorter values would mask ordinary words everywhere; no real c
 
 
 def url_secrets(url: str) -> list[str]:
-    """The credentials inside a URL: its user and password, and the values of sensitive query parameters."""
+    """The credentials inside a URL: its user and password (also as the Basic authorization header httpx makes
+    of them, which a server may echo), and the values of sensitive query parameters."""
     parts = urllib.parse.urlsplit(url)
     query = [v for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True) if SENSITIVE.search(k)]
-    return [urllib.parse.unquote(s) for s in (parts.username, parts.password, *query) if s]
+    user, password = (urllib.parse.unquote(s) if s else "" for s in (parts.username, parts.password))
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode() if user or password else ""
+    return [s for s in (user, password, basic, *query) if s]
 
 
 def public_url(url: str) -> str:
