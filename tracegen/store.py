@@ -93,7 +93,8 @@ class ShardWriter:
             logprobs = _recovered(self._journal_path(self.logprobs_dir, seq), LOGPROB_SCHEMA)
             # A logprob row whose trace row did not reach the journal belongs to a lost request.
             keep = pc.is_in(logprobs["trace_id"], value_set=traces["trace_id"])
-            _write_parquet(logprobs.filter(keep), self._part_path(self.logprobs_dir, seq))
+            if traces.num_rows:
+                _write_parquet(logprobs.filter(keep), self._part_path(self.logprobs_dir, seq))
         if traces.num_rows:
             _write_parquet(traces, self._part_path(self.traces_dir, seq))
         for d in (self.traces_dir, self.logprobs_dir):
