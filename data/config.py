@@ -73,9 +73,12 @@ def parse_config(config_types: list[type], argv: list[str] | None, prog: str, de
     parser.set_defaults(**(defaults or {}))
     parser.set_defaults_with_config(**values)  # YAML values are defaults: flags win
     os.environ.update({key: str(value) for key, value in env.items()})
+    _, stray = parser.parse_known_args(argv)  # named before any config is built (and validated)
+    if stray:
+        raise ConfigError(f"command line: unknown flags or extra values {stray} (the settings: {prog} --help)")
     try:
         return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
-    except ValueError as e:  # a library's own check of a value (TrainingArguments), or a stray flag value
+    except ValueError as e:  # a library's own check of a value (TrainingArguments)
         raise ConfigError(f"{path or 'command line'}: {e}") from None
 
 

@@ -199,7 +199,7 @@ def test_config_errors_exit_2_naming_the_setting(tmp_path, caplog):
         ([*base, "--benchmarks", "gsm8k", "--data_dir", str(tmp_path)], f"{tmp_path}/gsm8k/test.jsonl: no such file"),
         ([*base, "--benchmarks", "toy", "--custom_benchmarks", '{"toy": "missing.jsonl"}'], "missing.jsonl"),
         ([*base, "--completions", "missing.jsonl"], "completions: no such file: missing.jsonl"),
-        ([*base, "--nope", "1"], "arguments are not used by the HfArgumentParser: ['--nope', '1']"),
+        ([*base, "--nope", "1"], "command line: unknown flags or extra values ['--nope', '1']"),
     ]
     for argv, message in cases:
         caplog.clear()
