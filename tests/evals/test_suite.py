@@ -218,17 +218,56 @@ def test_bad_completions_exit_2_naming_the_line(tmp_path, caplog):
         ([dict(good, sample_index=0), dict(good, sample_index=0)], ":2: sample 0 of toy 't0' again (first at"),
         ([good, dict(good, completion=None)], ":2: field 'completion' must be a string"),
         ([good, good, dict(good, problem_id="t1")], "toy: problem 't1' has 1 samples, most have 2"),
+        ([good, dict(good, sample_index=True)], ":2: field 'sample_index' must be absent, null or a non-negative "
+                                                "integer, got true"),
+        ([good, dict(good, sample_index=-5)], ":2: field 'sample_index' must be absent, null or a non-negative "
+                                              "integer, got -5"),
     ]
     for rows, message in cases:
         caplog.clear()
         assert main([*base, "--completions", str(write_jsonl(tmp_path / "c.jsonl", rows))]) == 2, rows
         assert message in caplog.text, (rows, caplog.text)
+    (tmp_path / "c.jsonl").write_bytes(json.dumps(good).encode() + b'\n{"benchmark": "toy", "completion": "\xff"}\n')
+    assert main([*base, "--completions", str(tmp_path / "c.jsonl")]) == 2
+    assert "c.jsonl:2: not UTF-8 text (byte 0xff at column 37)" in caplog.text
     (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n{oops\n")
     assert main([*base, "--completions", str(tmp_path / "c.jsonl")]) == 2 and "c.jsonl:2: not valid JSON" in caplog.text
     caplog.clear()
     assert main([*base, "--completions", str(write_jsonl(tmp_path / "c.jsonl", [good])), "--benchmarks", "toy",
                  "gsm8k", "--data_dir", str(tmp_path)]) == 2
     assert "gsm8k/test.jsonl: no such file" in caplog.text
+
+
+@pytest.mark.parametrize("tests, message", [
+    ({"kind": "stdio"}, "kind stdio needs `cases`: a non-empty list of {input, output} strings"),
+    ({"kind": "stdio", "cases": [{"input": "1"}]}, "kind stdio needs `cases`"),
+    ({"kind": "functional", "entry_point": "f"}, "kind functional needs `test`"),
+    ({"kind": "functional", "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
+     "kind functional: `test` defines check(candidate), so `entry_point` (the function it tests) is needed"),
+    ({"kind": "quiz"}, "kind 'quiz' is not one of functional, evalplus, stdio"),
+], ids=["no-cases", "case-without-output", "no-test", "check-without-entry-point", "unknown-kind"])
+def test_code_tests_that_cannot_run_are_named_not_graded_wrong(tmp_path, caplog, tests, message):
+    code = write_jsonl(tmp_path / "lcb.jsonl", [
+        {"id": "ok", "domain": "code", "prompt": "Print 2.", "tests": {"kind": "stdio", "cases": [
+            {"input": "", "output": "2\n"}]}},
+        {"id": "broken", "domain": "code", "prompt": "Write f.", "tests": tests}])
+    rows = [{"benchmark": "lcb", "problem_id": pid, "completion": "```python\nprint(2)\n```"} for pid in ("ok", "broken")]
+    assert main(["--output_dir", str(tmp_path / "out"), "--custom_benchmarks", json.dumps({"lcb": str(code)}),
+                 "--completions", str(write_jsonl(tmp_path / "c.jsonl", rows))]) == 2
+    assert f"{code}:2: tests: {message}" in caplog.text and not (tmp_path / "out" / "scores.json").exists()
+
+
+def test_one_benchmark_name_as_a_string_is_a_list_of_one(tmp_path, caplog):
+    cb = write_jsonl(tmp_path / "cb.jsonl", [{"id": "a", "domain": "math", "prompt": "1+1?", "answer": "2"}])
+    rows = [{"benchmark": "cb", "problem_id": "a", "completion": "\\boxed{2}"}]
+    config = tmp_path / "evals.yaml"
+    config.write_text(f"benchmarks: cb\noutput_dir: {tmp_path / 'out'}\ncustom_benchmarks: {{cb: {cb}}}\n"
+                      f"completions: {write_jsonl(tmp_path / 'c.jsonl', rows)}\n")
+    assert main(["--config", str(config)]) == 0  # cb, not the letters c and b
+    assert list(json.loads((tmp_path / "out" / "scores.json").read_text())["c"]) == ["cb"]
+    config.write_text(config.read_text().replace("benchmarks: cb", "benchmarks: bc"))
+    assert main(["--config", str(config)]) == 2
+    assert "benchmarks: unknown benchmark 'bc'" in caplog.text
 
 
 def test_grade_only_toy_with_limit_and_levels(tmp_path):
