@@ -106,7 +106,8 @@ def recover(db: Path, out: Path) -> None:
     legacy_old, legacy_tmp = out.with_name(out.name + ".old"), out.with_name(out.name + ".tmp")
     if not out.exists() and not out.is_symlink() and legacy_old.is_dir():  # killed inside an older filter's swap
         legacy_old.rename(out)
-    _discard(db.with_name(db.name + ".tmp"), legacy_tmp, legacy_old, *_generations(out, keep=_target(out)))
+    _discard(db.with_name(db.name + ".tmp"), _record_tmp(db), legacy_tmp, legacy_old,
+             *_generations(out, keep=_target(out)))
 
 
 def _finish(record: dict) -> None:
@@ -148,7 +149,7 @@ def _drop_record(db: Path) -> None:
 
 
 def _write_record(db: Path, record: dict) -> None:
-    tmp = _record(db).with_suffix(".tmp")
+    tmp = _record_tmp(db)
     tmp.write_text(json.dumps(record))
     _fsync(tmp)
     tmp.replace(_record(db))
@@ -157,6 +158,10 @@ def _write_record(db: Path, record: dict) -> None:
 
 def _record(db: Path) -> Path:
     return db.with_name(f".{db.name}.switch")
+
+
+def _record_tmp(db: Path) -> Path:
+    return db.with_name(f".{db.name}.switch.tmp")
 
 
 def _target(out: Path) -> str | None:
