@@ -2,6 +2,7 @@
 curated set stay as they were: parts cut short, and the contamination benchmarks given on the command line."""
 
 import logging
+import shutil
 
 import pytest
 import yaml
@@ -16,10 +17,16 @@ def state(run):
     return (run / "curation.duckdb").read_bytes(), {p.name: p.read_bytes() for p in sorted(curated.iterdir())}
 
 
-@pytest.mark.parametrize("sub", ["traces", "logprobs", "problems"])
-def test_a_part_cut_short_is_named_and_nothing_changes(tmp_path, caplog, sub):
-    run = make_run(tmp_path)
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory):
+    run = make_run(tmp_path_factory.mktemp("filtered"))
     assert main(filter_argv(run)) == 0
+    return run
+
+
+@pytest.mark.parametrize("sub", ["traces", "logprobs", "problems"])
+def test_a_part_cut_short_is_named_and_nothing_changes(tmp_path, caplog, filtered, sub):
+    run = shutil.copytree(filtered, tmp_path / "run", symlinks=True)
     before = state(run)
     part = sorted((run / sub).glob("*.parquet"))[0]
     part.write_bytes(part.read_bytes()[:-64])  # a partial copy of the run directory
@@ -30,8 +37,8 @@ def test_a_part_cut_short_is_named_and_nothing_changes(tmp_path, caplog, sub):
     assert state(run) == before
 
 
-def test_contamination_benchmarks_on_the_command_line(tmp_path, caplog):
-    run = make_run(tmp_path)
+def test_contamination_benchmarks_on_the_command_line(tmp_path, caplog, filtered):
+    run = shutil.copytree(filtered, tmp_path / "run", symlinks=True)
     off = filter_argv(run, "--contamination_benchmarks", "[]", contamination_benchmarks=None)  # YAML: the default
     assert main(off) == 0  # the check is off: no benchmark is loaded (the seven public ones are not here)
     assert yaml.safe_load((run / "filter.config.yaml").read_text())["contamination_benchmarks"] == []
