@@ -160,3 +160,10 @@ def test_public_url_hides_credentials_and_keeps_the_rest(url, shown):
     from tracegen.secrets import public_url
 
     assert public_url(url) == shown
+
+
+def test_the_managed_servers_api_key_is_masked_in_its_command_line():
+    from tracegen.server import shown
+
+    cmd = ["python", "-m", "vllm", "--api-key", "k-123456", "--port", "1", "--api-key=k-654321"]
+    assert shown(cmd) == "python -m vllm --api-key *** --port 1 --api-key=***"
