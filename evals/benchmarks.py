@@ -18,10 +18,10 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
+from data.config import InputError
 from evals.code_grader import evalplus_tests
-from tracegen.problems import ProblemError, load_problems
+from tracegen.problems import load_problems
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,6 @@ PUBLIC = {
 }
 DEFAULT_MAX_TOKENS = {"toy": 512}  # everything else: R1's 32768 (its models were trained on the problem text)
 R1_MAX_TOKENS = 32768
-
-
-class InputError(ValueError):
-    """An input file is wrong; the message names the file (and line)."""
 
 
 @dataclass
@@ -114,13 +110,20 @@ def _local_path(data_dir: str, rel: str) -> Path:
 
 def _read_jsonl(path: Path):
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise InputError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x})") from None
+                if line.strip():
+                    try:
+                        yield f"{path}:{lineno}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except (gzip.BadGzipFile, EOFError) as e:  # a gzip file cut short or not gzip at all
+        raise InputError(f"{path}: not a readable gzip file ({e})") from None
 
 
 def _hub_rows(name: str, hub) -> list[tuple[str, dict]]:
@@ -143,11 +146,7 @@ def _hub_rows(name: str, hub) -> list[tuple[str, dict]]:
 
 def _custom_problems(name: str, path: str) -> tuple[list[dict], str]:
     _custom_path(name, path)
-    try:
-        problems = load_problems(SimpleNamespace(problems=path, column_map=None, problem_defaults=None))
-    except ProblemError as e:
-        raise InputError(str(e)) from None
-    return problems, benchmark_source(name, custom={name: path})
+    return load_problems(path), benchmark_source(name, custom={name: path})
 
 
 def _custom_path(name: str, path: str) -> Path:

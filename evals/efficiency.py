@@ -26,6 +26,7 @@ import platform
 import statistics
 import threading
 import time
+from dataclasses import dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
 
@@ -35,18 +36,48 @@ log = logging.getLogger(__name__)
 SAMPLE_EVERY_S = 0.02
 
 
-def measure_efficiency(cfg, prompts: dict[str, list[list[dict]]], serve_model: str | None = None) -> dict[str, dict]:
-    """{benchmark: efficiency record} for the model `cfg` (an EvalsConfig) generates with; prompts: per
-    benchmark, the chat messages of its first problems. An in-process engine is measured in a fresh process
-    (spawned): its memory is then the model's and the libraries', not what evals held before, and a GPU holds
-    one vLLM engine at a time. serve_model: the directory a managed server (base_url) serves."""
-    if cfg.engine == "http":
-        return measure_here(cfg, prompts, serve_model or cfg.serve_model)
+@dataclass(frozen=True)
+class Target:
+    """What is measured and how: the engine's settings (tracegen's EngineConfig) and the protocol's sampling
+    (EvalsConfig), as plain values a spawned process can take."""
+
+    engine: str
+    model: str | None
+    adapter: str | None
+    engine_kwargs: dict | None
+    base_url: list[str] | None
+    api_key_env: str | None
+    concurrency: int
+    batch_size: int
+    serve_model: str | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    chat_template_kwargs: dict | None
+    efficiency_tokens: int
+
+    @classmethod
+    def of(cls, cfg, engine) -> "Target":
+        """From evals' EvalsConfig and tracegen's EngineConfig."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{n: getattr(engine, n) if hasattr(engine, n) else getattr(cfg, n) for n in names})
+
+
+def measure_efficiency(cfg, engine, prompts: dict[str, list[list[dict]]], serve_model: str | None = None
+                       ) -> dict[str, dict]:
+    """{benchmark: efficiency record} for the model evals generates with (cfg: EvalsConfig, engine: tracegen's
+    EngineConfig); prompts: per benchmark, the chat messages of its first problems. An in-process engine is
+    measured in a fresh process (spawned): its memory is then the model's and the libraries', not what evals
+    held before, and a GPU holds one vLLM engine at a time. serve_model: the directory a managed server
+    (base_url) serves."""
+    target = Target.of(cfg, engine)
+    if target.engine == "http":
+        return measure_here(target, prompts, serve_model or target.serve_model)
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(measure_here, (cfg, prompts))
+        return pool.apply(measure_here, (target, prompts))
 
 
 def measure_here(cfg, prompts: dict[str, list[list[dict]]], serve_model: str | None = None) -> dict[str, dict]:

@@ -2,8 +2,8 @@
 python -m evals --config recipes/<x>/evals.yaml --completions generations.jsonl   # grade only, no model
 
 Scores a model on math and code benchmarks with DeepSeek-R1's protocol: n samples per problem at
-temperature 0.6 / top_p 0.95, pass@1 as their mean, unbiased pass@k and maj@k (k = n). Generation goes
-through tracegen (any engine it has), one run per benchmark into <output_dir>/generations/<model>/<benchmark>/,
+temperature 0.6 / top_p 0.95, pass@1 as their mean, unbiased pass@k and maj@k (k = n). Generation is
+tracegen's `generate` (any engine it has), one run per benchmark into <output_dir>/generations/<model>/<benchmark>/,
 so a rerun resumes; a managed server (serve_model) is started once and serves every benchmark. Outputs:
 <output_dir>/samples/<model>/<benchmark>.parquet, scores.json (every model evaluated into output_dir) and
 report.md; with `efficiency` (default for local models) each benchmark's scores carry latency, throughput and
@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import shlex
 import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -24,53 +23,58 @@ from pathlib import Path
 
 import yaml
 
-from evals.benchmarks import Benchmark, InputError, level_of, load_benchmark, max_tokens_for
+from data.config import ConfigError, InputError
+from evals.benchmarks import Benchmark, level_of, load_benchmark, max_tokens_for
 from evals.code_grader import CODE_GRADER_VERSION, CodeGrader, extract_code
-from evals.config import PUBLIC_BENCHMARKS, ConfigError, EvalsConfig, parse_config
+from evals.config import PUBLIC_BENCHMARKS, EvalsConfig, measures_efficiency, parse_config, save
 from evals.efficiency import measure_efficiency
 from evals.math_grader import GRADER_VERSION, MathGrader
 from evals.metrics import score
 from evals.report import publish, write_samples
-from tracegen.config import TracegenConfig
-from tracegen.main import main as tracegen_main
-from tracegen.problems import ProblemError, make_renderer
+from tracegen.config import EngineConfig, TracegenConfig
+from tracegen.http_engine import FatalEndpointError
+from tracegen.main import generate as tracegen_generate
+from tracegen.problems import make_renderer
+from tracegen.secrets import Redactor, public_url
 from tracegen.server import ServerError, managed_vllm_server
 from tracegen.store import read_traces
 
 log = logging.getLogger("evals")
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "evals" / "templates"
-SERVE_TIMEOUT_S = TracegenConfig.serve_timeout_s  # tracegen's default wait for a managed server
 GRADE_CHUNK = 256  # samples per grading call: one progress line each
 
 
 def main(argv: list[str] | None = None) -> int:
+    engine = None
     try:
-        cfg = parse_config(argv)
-        log.info("resolved config:\n%s", yaml.safe_dump(asdict(cfg), sort_keys=False).rstrip())
+        cfg, engine = parse_config(argv)
+        log.info("resolved config:\n%s", yaml.safe_dump({**asdict(cfg), **engine.public()}, sort_keys=False).rstrip())
         out = Path(cfg.output_dir)
         # --- load: every benchmark (and the completions file) is validated before any generation ---------
         rows = read_completions(cfg.completions) if cfg.grade_only else []
         names = benchmark_names(cfg, rows)
         benches = {name: load_benchmark(name, cfg.data_dir, cfg.custom_benchmarks) for name in names}
-        cfg.save(out / "evals.config.yaml")
+        save(out / "evals.config.yaml", cfg, engine)
         # --- generate with tracegen, or take the completions ----------------------------------------------
         if cfg.grade_only:
             log.info("grade-only: %d completions from %s; no model is called", len(rows), cfg.completions)
             samples = match_completions(cfg, rows, benches)
         else:
             benches = {name: replace(b, problems=b.problems[:cfg.limit]) for name, b in benches.items()}
-            with shared_server(cfg, len(benches)) as gen_cfg:
-                samples = {name: generate(gen_cfg, bench) for name, bench in benches.items()}
-                efficiency = measure(gen_cfg, benches, cfg.serve_model) if cfg.measures_efficiency else {}
+            with shared_server(cfg, engine, len(benches)) as serving:
+                samples = {name: generate(cfg, serving, bench) for name, bench in benches.items()}
+                efficiency = measure(cfg, serving, benches, engine.serve_model) if measures_efficiency(
+                    cfg, engine) else {}
         # --- grade ----------------------------------------------------------------------------------------
         grade_all(cfg, benches, samples)
         # --- score ----------------------------------------------------------------------------------------
-        scores = {name: score_benchmark(cfg, benches[name], samples[name]) for name in benches}
+        generation = generation_protocol(cfg, engine)
+        scores = {name: score_benchmark(cfg, benches[name], samples[name], generation) for name in benches}
         for name, record in ({} if cfg.grade_only else efficiency).items():
             scores[name]["efficiency"] = record
-    except (ConfigError, InputError, ProblemError, OSError) as e:
-        log.error("%s", e)
+    except (ConfigError, InputError, ServerError, FatalEndpointError, OSError) as e:
+        log.error("%s", Redactor(engine.secrets() if engine else [])(str(e)))
         return 2
     # --- write and report ---------------------------------------------------------------------------------
     for name, graded in samples.items():
@@ -89,92 +93,66 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def shared_server(cfg: EvalsConfig, n_benchmarks: int):
+def shared_server(cfg: EvalsConfig, engine: EngineConfig, n_benchmarks: int):
     """With serve_model and several benchmarks, one managed vLLM server for all of them (a start costs minutes
     for a big model); tracegen then talks to it as a base_url. Request keys are unchanged (same served name,
     endpoint "local"), so runs made either way resume each other."""
-    if cfg.engine != "http" or not cfg.serve_model or (n_benchmarks < 2 and not cfg.measures_efficiency):
-        yield cfg
+    if engine.engine != "http" or not engine.serve_model or (n_benchmarks < 2 and not measures_efficiency(cfg, engine)):
+        yield engine
         return
-    name = cfg.model or Path(cfg.serve_model).name
+    name = engine.model or Path(engine.serve_model).name
     log_path = Path(cfg.output_dir) / "logs" / f"vllm-server-{cfg.model_name}.log"
     try:
-        with managed_vllm_server(cfg.serve_model, name, cfg.serve_args or [], log_path, SERVE_TIMEOUT_S) as url:
-            yield replace(cfg, serve_model=None, serve_args=None, model=name, base_url=[url])
+        with managed_vllm_server(engine.serve_model, name, engine.serve_args or [], log_path,
+                                 engine.serve_timeout_s) as url:
+            yield replace(engine, serve_model=None, serve_args=None, model=name, base_url=[url])
     except ServerError as e:
         raise ConfigError(f"serve_model: {e}") from None
 
 
-
-def measure(cfg: EvalsConfig, benches: dict[str, Benchmark], serve_model: str | None) -> dict[str, dict]:
+def measure(cfg: EvalsConfig, engine: EngineConfig, benches: dict[str, Benchmark], serve_model: str | None
+            ) -> dict[str, dict]:
     """Latency, throughput and memory per benchmark (evals/efficiency.py), on the engine that generated."""
     prompts = {name: [make_renderer(prompt_template(cfg, b), None)(p) for p in b.problems[:cfg.efficiency_prompts]]
                for name, b in benches.items()}
     try:
-        return measure_efficiency(cfg, prompts, serve_model)
+        return measure_efficiency(cfg, engine, prompts, serve_model)
     except Exception as e:  # broad on purpose: a failed measurement must not lose the samples already paid for
         log.error("efficiency: measurement failed (%s: %s); scores are kept without it", type(e).__name__, e)
         return {name: {"error": f"{type(e).__name__}: {e}"} for name in benches}
 
 
-def generate(cfg: EvalsConfig, bench: Benchmark) -> list[dict]:
-    """n samples of every problem through tracegen, read back from its traces (resumes what is done)."""
+def generate(cfg: EvalsConfig, engine: EngineConfig, bench: Benchmark) -> list[dict]:
+    """n samples per problem, generated by tracegen (only those its run directory lacks) and read back by the
+    trace ids it reports; a sample without a finished trace carries its error."""
     problems = Path(cfg.output_dir) / "generations" / bench.name / "problems.jsonl"
     write_problems(problems, bench.problems)
     run_dir = Path(cfg.output_dir) / "generations" / cfg.model_name / bench.name
-    template, max_tokens = prompt_template(cfg, bench), max_tokens_for_run(cfg, bench)
+    run = tracegen_config(cfg, engine, bench, problems, run_dir)
     log.info("%s: %d problems x %d samples (max_tokens %d, template %s) with tracegen into %s",
-             bench.name, len(bench.problems), cfg.n, max_tokens, template or "none", run_dir)
-    code = tracegen_main(tracegen_argv(cfg, problems, run_dir, template, max_tokens))
-    if code == 2:
-        raise ConfigError(f"{bench.name}: tracegen stopped before generating (its error is logged above)")
-    return read_generations(cfg, bench, run_dir, template, max_tokens)
+             bench.name, len(bench.problems), cfg.n, run.max_tokens, run.prompt_template or "none", run_dir)
+    return read_generations(bench.name, run_dir, tracegen_generate(run).trace_ids)
 
 
-def tracegen_argv(cfg: EvalsConfig, problems: Path, run_dir: Path, template: str | None, max_tokens: int) -> list:
-    as_json = lambda d: json.dumps(d) if d else None  # noqa: E731
-    flags = {
-        "problems": problems, "output_dir": run_dir, "prompt_template": template, "n": cfg.n,
-        "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": max_tokens, "seed": cfg.seed,
-        "chat_template_kwargs": as_json(cfg.chat_template_kwargs), "engine": cfg.engine,
-        "serve_model": cfg.serve_model, "serve_args": shlex.join(cfg.serve_args) if cfg.serve_args else None,
-        "model": cfg.model, "adapter": cfg.adapter, "engine_kwargs": as_json(cfg.engine_kwargs),
-        "api_key_env": cfg.api_key_env, "concurrency": cfg.concurrency, "batch_size": cfg.batch_size,
-        "samples_per_request": cfg.samples_per_request,
-    }
-    # --flag=value: values such as serve_args start with "--" and would otherwise read as flags
-    argv = [f"--{name}={value}" for name, value in flags.items() if value is not None]
-    if cfg.base_url:
-        argv += ["--base_url", *cfg.base_url]
-    return argv + shlex.split(cfg.tracegen_args or "")
+def tracegen_config(cfg: EvalsConfig, engine: EngineConfig, bench: Benchmark, problems: Path,
+                    run_dir: Path) -> TracegenConfig:
+    """The tracegen run of one benchmark: the engine as configured, the prompt and sampling of the protocol."""
+    return TracegenConfig(
+        **asdict(engine), problems=str(problems), output_dir=str(run_dir), prompt_template=prompt_template(cfg, bench),
+        n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=max_tokens_for_run(cfg, bench),
+        seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs, extra_body=cfg.extra_body)
 
 
-def read_generations(cfg: EvalsConfig, bench: Benchmark, run_dir: Path, template: str | None,
-                     max_tokens: int) -> list[dict]:
-    """One sample per (problem, index < n): the newest finished trace made with this exact prompt and these
-    sampling settings (older settings stay in the run directory); a sample without one carries its error."""
-    render = make_renderer(template, None)
-    messages = {p["id"]: render(p) for p in bench.problems}
-    wanted = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": max_tokens, "seed": cfg.seed,
-              "chat_template_kwargs": cfg.chat_template_kwargs}
-    done, errors, replaced = {}, {}, 0
+def read_generations(benchmark: str, run_dir: Path, trace_ids: dict[tuple[str, int], str]) -> list[dict]:
+    """One sample per (problem, index), in tracegen's order: its trace's row without error, else its latest
+    error (traces of other settings stay in the run directory under other ids)."""
+    wanted = set(trace_ids.values())
+    done, errors = {}, {}
     for t in sorted(read_traces(run_dir).to_pylist(), key=lambda t: t["created_at"]):
-        key = (t["problem_id"], t["sample_index"])
-        if key[0] not in messages or key[1] >= cfg.n or json.loads(t["messages"]) != messages[key[0]]:
-            continue
-        sampling = json.loads(t["sampling"])
-        if any(sampling.get(name) != value for name, value in wanted.items()):
-            continue
-        if t["error"] is not None:
-            errors[key] = t["error"]
-        else:
-            replaced += key in done
-            done[key] = t
-    if replaced:
-        log.warning("%s: %d samples exist from another model or endpoint in %s; using the newest (give each model "
-                    "its own model_name)", bench.name, replaced, run_dir)
-    return [_sample(bench.name, p["id"], i, done.get((p["id"], i)), errors.get((p["id"], i)))
-            for p in bench.problems for i in range(cfg.n)]
+        if t["trace_id"] in wanted:
+            (errors if t["error"] is not None else done)[t["trace_id"]] = t
+    return [_sample(benchmark, pid, i, done.get(tid), errors[tid]["error"] if tid in errors else None)
+            for (pid, i), tid in trace_ids.items()]
 
 
 def _sample(benchmark: str, problem_id: str, index: int, trace: dict | None, error: str | None) -> dict:
@@ -187,6 +165,19 @@ def _sample(benchmark: str, problem_id: str, index: int, trace: dict | None, err
     completion = content if trace["reasoning"] is None else f"<think>\n{trace['reasoning']}\n</think>\n\n{content}"
     return sample | {"completion": completion, "finish_reason": trace["finish_reason"],
                      "completion_tokens": trace["completion_tokens"], "error": None}
+
+
+def generation_protocol(cfg: EvalsConfig, engine: EngineConfig) -> str:
+    """How the samples were made, for the protocol (URL credentials shown as ***)."""
+    if cfg.grade_only:
+        return f"completions file {cfg.completions} (sampling settings as declared in the config)"
+    source = (f"base_url={','.join(map(public_url, engine.base_url))}" if engine.base_url
+              else f"serve_model={engine.serve_model}")
+    parts = [f"tracegen engine={engine.engine}", source if engine.engine == "http" else "",
+             f"model={engine.model}" if engine.model else "", f"adapter={engine.adapter}" if engine.adapter else "",
+             f"chat_template_kwargs={json.dumps(cfg.chat_template_kwargs)}" if cfg.chat_template_kwargs else "",
+             f"extra_body={json.dumps(cfg.extra_body)}" if cfg.extra_body else ""]
+    return " ".join(p for p in parts if p)
 
 
 def write_problems(path: Path, problems: list[dict]) -> None:
@@ -216,11 +207,15 @@ def max_tokens_for_run(cfg: EvalsConfig, bench: Benchmark) -> int:
 def read_completions(path: str) -> list[tuple[str, dict]]:
     """(file:line, row) of a completions JSONL, each row checked for its fields and their types."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -234,14 +229,20 @@ def read_completions(path: str) -> list[tuple[str, dict]]:
 def _checked_completion(where: str, row) -> dict:
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object")
-    types = {"benchmark": str, "problem_id": (str, int), "completion": str, "sample_index": int,
-             "finish_reason": str, "completion_tokens": int}
-    for name, kind in types.items():
-        required = name in ("benchmark", "problem_id", "completion")
-        if (row.get(name) is None and required) or (row.get(name) is not None and not isinstance(row[name], kind)):
-            raise InputError(f"{where}: field {name!r} must be {'a' if required else 'absent, null or a'} "
-                             f"{'string' if kind in (str, (str, int)) else 'integer'}")
+    for name in ("benchmark", "problem_id", "completion"):
+        if not isinstance(row.get(name), str) and not (name == "problem_id" and _is_int(row.get(name))):
+            raise InputError(f"{where}: field {name!r} must be a string")
+    if row.get("finish_reason") is not None and not isinstance(row["finish_reason"], str):
+        raise InputError(f"{where}: field 'finish_reason' must be absent, null or a string")
+    for name in ("sample_index", "completion_tokens"):  # JSON true is not 1 here, nor is -5 an index
+        if row.get(name) is not None and not (_is_int(row[name]) and row[name] >= 0):
+            raise InputError(f"{where}: field {name!r} must be absent, null or a non-negative integer, got "
+                             f"{json.dumps(row[name])}")
     return row
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def benchmark_names(cfg: EvalsConfig, rows: list) -> list[str]:
@@ -325,27 +326,18 @@ def grade(bench: Benchmark, samples: list[dict], grader: MathGrader | CodeGrader
             log.info("%s: graded %d/%d", bench.name, min(start + GRADE_CHUNK, len(todo)), len(todo))
 
 
-def score_benchmark(cfg: EvalsConfig, bench: Benchmark, samples: list[dict]) -> dict:
+def score_benchmark(cfg: EvalsConfig, bench: Benchmark, samples: list[dict], generation: str) -> dict:
     levels = {p["id"]: level_of(p) for p in bench.problems}
     try:
         metrics = score(samples, bench.domain, levels)
     except ValueError as e:  # only completions files can give problems different sample counts
         raise InputError(f"completions: {cfg.completions}: {bench.name}: {e}") from None
-    return metrics | {"protocol": protocol(cfg, bench)}
+    return metrics | {"protocol": protocol(cfg, bench, generation)}
 
 
-def protocol(cfg: EvalsConfig, bench: Benchmark) -> dict:
-    """How the numbers were made, stored next to them."""
+def protocol(cfg: EvalsConfig, bench: Benchmark, generation: str) -> dict:
+    """How the numbers were made, stored next to them (`generation`: generation_protocol's description)."""
     template = prompt_template(cfg, bench)
-    if cfg.grade_only:
-        generation = f"completions file {cfg.completions} (sampling settings as declared in the config)"
-    else:
-        source = f"base_url={','.join(cfg.base_url)}" if cfg.base_url else f"serve_model={cfg.serve_model}"
-        parts = [f"tracegen engine={cfg.engine}", source if cfg.engine == "http" else "",
-                 f"model={cfg.model}" if cfg.model else "", f"adapter={cfg.adapter}" if cfg.adapter else "",
-                 f"chat_template_kwargs={json.dumps(cfg.chat_template_kwargs)}" if cfg.chat_template_kwargs else "",
-                 f"tracegen_args={cfg.tracegen_args}" if cfg.tracegen_args else ""]
-        generation = " ".join(p for p in parts if p)
     return {
         "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens or max_tokens_for(bench.name),
         "seed": cfg.seed, "prompt_template": _describe(template),

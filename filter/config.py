@@ -3,16 +3,13 @@
     python -m filter --config recipes/<x>/filter.yaml [--field value ...]
 """
 
-import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from data.config import ConfigError, at_least, json_dict, save_config
+from data.config import parse_config as parse
+from evals.config import PUBLIC_BENCHMARKS
 
-from tracegen.config import ConfigError  # one "a setting is wrong" error across the stages
-
-PUBLIC_BENCHMARKS = ("gsm8k", "math500", "aime24", "amc23", "humaneval", "humanevalplus", "mbppplus")
 SELECT_BY = ("shortest", "most_confident")
 REASONING_FORMATS = ("think_tags", "field")
 
@@ -35,20 +32,18 @@ class FilterConfig:
                            "is a URL: the database is always a local file).", default=None)
     output_dir: str | None = _help("Where the curated dataset goes. Default: <run_dir>/curated (a local path "
                                    "is required when run_dir is a URL).", default=None)
-    # --- problems (default: those tracegen kept in <run_dir>/problems/, else its tracegen.config.yaml) ---
+    # --- problems (default: those tracegen kept in <run_dir>/problems/) --------------------------------
     problems: str | None = _help(
-        "Problem source (JSONL, Parquet, dataset folder or hub name) holding the gold answers and tests. "
-        "Default: the problems tracegen kept in <run_dir>/problems/ (else those <run_dir>/tracegen.config.yaml "
-        "names, with its column_map and defaults).",
-        default=None)
-    problems_split: str | None = _help("Split of a Hugging Face dataset. Default: tracegen's.", default=None)
-    problems_config: str | None = _help("Config (subset) of a Hugging Face dataset. Default: tracegen's.",
-                                        default=None)
-    problems_revision: str | None = _help("Pinned revision of a hub dataset. Default: tracegen's.", default=None)
-    column_map: dict | str | None = _help("Problem field -> source column (as in tracegen). Default: tracegen's.",
-                                          default=None)
-    problem_defaults: dict | str | None = _help("Values for Problem fields the source lacks. Default: tracegen's.",
-                                                default=None)
+        "Problem source (JSONL, Parquet, dataset folder or hub name) holding the gold answers and tests, read "
+        "with the settings below as tracegen reads it. Default: the problems tracegen kept in <run_dir>/problems/ "
+        "(required when run_dir is a URL).", default=None)
+    problems_split: str | None = _help("Split of a Hugging Face dataset (default train).", default=None)
+    problems_config: str | None = _help("Config (subset) of a Hugging Face dataset.", default=None)
+    problems_revision: str | None = _help("Pinned revision of a hub dataset.", default=None)
+    column_map: dict | str | None = _help("Problem field -> source column (as in tracegen).", default=None)
+    problem_defaults: dict | str | None = _help("Values for Problem fields the source lacks.", default=None)
+    answer_format: str = _help("plain, gsm8k or boxed: where the gold answer is (as in tracegen).", default="plain")
+    id_prefix: str = _help("Prepended to every problem id (as in tracegen).", default="")
     # --- labels ---------------------------------------------------------------------------------------
     workers: int | None = _help("Grader processes/threads (math and code). Default: the CPU count.", default=None)
     math_timeout_s: float = _help("Seconds one math answer check may take (then: verdict timeout).", default=5.0)
@@ -64,7 +59,8 @@ class FilterConfig:
     dedup_shingle: int = _help("Word shingle size for near-duplicate problems.", default=5)
     contamination_benchmarks: list[str] | None = _help(
         f"Benchmarks whose problems must not be trained on (word n-gram overlap). Default: {', '.join(PUBLIC_BENCHMARKS)}"
-        "; [] turns the check off. Names as in evals (toy, ...).", default=None)
+        "; [] turns the check off (on the command line too: --contamination_benchmarks '[]'). Names as in evals: "
+        "those, toy, or name=path for a Problem file.", default=None)
     benchmarks_dir: str | None = _help(
         "Local copies of the benchmarks (evals' data_dir layout, e.g. ../shared/benchmarks). Default: the "
         "pinned Hugging Face hub datasets.", default=None)
@@ -110,7 +106,7 @@ class FilterConfig:
 
     def __post_init__(self):
         for name in ("column_map", "problem_defaults"):
-            setattr(self, name, _json_dict(name, getattr(self, name)))
+            setattr(self, name, json_dict(name, getattr(self, name)))
         if not self.run_dir:
             raise ConfigError("run_dir: required (the tracegen output_dir, e.g. runs/<name>)")
         self.run_dir = self.run_dir.rstrip("/")
@@ -119,19 +115,22 @@ class FilterConfig:
         if is_url(self.run_dir) and not (self.db and self.output_dir):
             raise ConfigError("db / output_dir: required when run_dir is a URL (both are local paths)")
         self.db = self.db or f"{self.run_dir}/curation.duckdb"
-        self.output_dir = self.output_dir or f"{self.run_dir}/curated"
+        self.output_dir = (self.output_dir or f"{self.run_dir}/curated").rstrip("/")
         if self.contamination_benchmarks is None:
             self.contamination_benchmarks = list(PUBLIC_BENCHMARKS)
-        if self.select_by not in SELECT_BY:
-            raise ConfigError(f"select_by: {self.select_by!r} is not one of {', '.join(SELECT_BY)}")
-        if self.reasoning_format not in REASONING_FORMATS:
-            raise ConfigError(f"reasoning_format: {self.reasoning_format!r} is not one of "
-                              f"{', '.join(REASONING_FORMATS)}")
-        for name in ("repetition_ngram", "dedup_num_perm", "dedup_shingle", "contamination_ngram", "rows_per_file"):
-            _at_least(name, getattr(self, name), 1)
-        for name in ("max_per_problem", "max_per_difficulty", "token_budget", "workers"):
-            if getattr(self, name) is not None:
-                _at_least(name, getattr(self, name), 1)
+        for spec in self.contamination_benchmarks:
+            name, is_file, path = spec.partition("=")
+            if not is_file and name not in (*PUBLIC_BENCHMARKS, "toy"):
+                raise ConfigError(f"contamination_benchmarks: unknown benchmark {spec!r}; known: "
+                                  f"{', '.join(PUBLIC_BENCHMARKS)}, toy, or name=path (a Problem file)")
+            if is_file and path and not Path(path).is_file():
+                raise ConfigError(f"contamination_benchmarks: {spec!r}: no such file: {path}")
+        for name, choices in (("select_by", SELECT_BY), ("reasoning_format", REASONING_FORMATS),
+                              ("answer_format", ("plain", "gsm8k", "boxed"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+        at_least(self, 1, "repetition_ngram", "dedup_num_perm", "dedup_shingle", "contamination_ngram",
+                 "rows_per_file", "max_per_problem", "max_per_difficulty", "token_budget", "workers")
         if not 0 < self.dedup_threshold <= 1:
             raise ConfigError(f"dedup_threshold: {self.dedup_threshold} is not within (0, 1]")
         if self.math_timeout_s <= 0:
@@ -149,41 +148,10 @@ class FilterConfig:
         return {name: getattr(self, name) for name in names}
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
-        tmp.replace(path)
-
-
-def _json_dict(name: str, value):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{name}: not a JSON object: {e}") from None
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _at_least(name: str, value, low) -> None:
-    if value < low:
-        raise ConfigError(f"{name}: must be >= {low}, got {value}")
+        save_config(path, asdict(self))
 
 
 def parse_config(argv: list[str] | None = None) -> FilterConfig:
-    """--config file.yaml plus --field value overrides; unknown keys and abbreviations are errors."""
-    from trl import TrlParser  # light: only the parser, not the trainers
-
-    parser = TrlParser([FilterConfig], allow_abbrev=False, prog="python -m filter")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if config_path and not Path(config_path).is_file():
-        raise ConfigError(f"--config: no such file: {config_path}")
-    try:
-        (cfg,) = parser.parse_args_and_config(argv)
-    except ConfigError:
-        raise
-    except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+    """--config file.yaml plus --field value overrides (data/config.py); unknown keys and abbreviations are errors."""
+    (cfg,) = parse([FilterConfig], argv, "python -m filter")
     return cfg

@@ -32,6 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from evals.benchmarks import Benchmark, benchmark_source, load_benchmark
+from filter.store import transaction
 from filter.words import VERSION as WORDS_VERSION
 from filter.words import word_function, words, words_sql
 
@@ -79,7 +80,7 @@ def label_contamination(con: duckdb.DuckDBPyConnection, *, benchmarks: list[str]
     con.register("_contam_todo", pa.Table.from_batches(todo_rows.to_batches(max_chunksize=8192), todo_rows.schema))
     todo = len(todo_rows)
     if todo:
-        with word_function(con), _transaction(con):
+        with word_function(con), transaction(con):
             for (name, custom), (_, fp) in zip(specs, sets, strict=True):
                 if not _cached(con, name, fp, ngram):
                     bench = loaded.get(name) or load_benchmark(name, data_dir=data_dir, custom=custom)
@@ -222,24 +223,6 @@ def _find_matches(con, n: int) -> None:
         SELECT m.* FROM matched m JOIN matched_words x USING (id)
         WHERE array_to_string(x.w[m.pos:m.pos + {n - 1}], ' ') = m.ngram  -- a hash collision is not a match
         QUALIFY row_number() OVER (PARTITION BY m.id ORDER BY m.ord, m.problem_index, m.pos) = 1""")
-
-
-class _transaction:
-    """BEGIN ... COMMIT, or nothing when the caller already holds a transaction (it then decides)."""
-
-    def __init__(self, con):
-        self.con, self.own = con, False
-
-    def __enter__(self):
-        try:
-            self.con.execute("BEGIN TRANSACTION")
-            self.own = True
-        except duckdb.TransactionException:
-            pass
-
-    def __exit__(self, kind, value, tb):
-        if self.own:
-            self.con.execute("COMMIT" if kind is None else "ROLLBACK")
 
 
 # ----------------------------------------------------------------------------- the plain-Python reference

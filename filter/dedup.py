@@ -33,6 +33,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from filter.store import transaction
 from filter.words import VERSION as WORDS_VERSION
 from filter.words import word_function, words_sql
 
@@ -279,7 +280,7 @@ def _candidate_pairs(sigs: np.ndarray, n_new: int, bands: int, rows: int) -> np.
 def _write(con, labels: dict, ids: list[str], head_rows: np.ndarray, head_sigs: np.ndarray, minhash: str) -> None:
     rows = [{"problem_id": pid, **labels[pid]} for pid in ids]
     reps = [k for k, i in enumerate(head_rows) if labels[ids[i]]["representative"]]
-    with _transaction(con):
+    with transaction(con):
         con.register("_dup_new", pa.Table.from_pylist(rows, schema=LABEL_SCHEMA))
         con.execute("INSERT INTO dup_problems SELECT * FROM _dup_new")
         con.unregister("_dup_new")
@@ -294,21 +295,3 @@ def _insert_signatures(con, ids: list[str], sigs: np.ndarray, minhash: str) -> N
     con.register("_dup_sigs", table)
     con.execute("INSERT OR REPLACE INTO dup_signatures SELECT * FROM _dup_sigs")  # a relabel may leave old rows
     con.unregister("_dup_sigs")
-
-
-class _transaction:
-    """BEGIN ... COMMIT, or nothing when the caller already holds a transaction (it then decides)."""
-
-    def __init__(self, con):
-        self.con, self.own = con, False
-
-    def __enter__(self):
-        try:
-            self.con.execute("BEGIN TRANSACTION")
-            self.own = True
-        except duckdb.TransactionException:
-            pass
-
-    def __exit__(self, kind, value, tb):
-        if self.own:
-            self.con.execute("COMMIT" if kind is None else "ROLLBACK")

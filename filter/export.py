@@ -9,13 +9,13 @@ is the answer and `reasoning_content` the reasoning), trace_id, problem_id, samp
 difficulty, prompt_tokens (as the teacher's server counted them: sft's KD checks its own prompt against it),
 completion_tokens, verdict, completion_token_ids (the teacher's sampled token ids from the
 logprobs table, else null) and logprobs_file (the logprobs part holding the trace, relative to output_dir).
-The folder is written as <output_dir>.tmp and renamed over the old one, so it is never half-written.
+The files go to a new folder that filter/store.py's switch makes <output_dir> once the run finishes, so
+readers never see it half-written.
 """
 
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -41,22 +41,20 @@ EXPORT_QUERY = """
 BATCH_ROWS = 10_000
 
 
-def export(con, cfg: FilterConfig, write_extras) -> int:
-    """Write the curated folder (write_extras(tmp_dir) adds the card); returns the number of rows."""
+def export(con, cfg: FilterConfig, folder: Path, write_extras) -> int:
+    """Write the curated set into `folder`, a new folder beside output_dir (write_extras(folder) adds the card);
+    returns the number of rows."""
     out = Path(cfg.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    folder.mkdir(parents=True)
     total = con.execute("SELECT count(*) FROM selected").fetchall()[0][0]
     reader = con.sql(EXPORT_QUERY).to_arrow_reader(BATCH_ROWS)
     tables = (pa.Table.from_pylist([to_example(r, cfg.reasoning_format, out) for r in batch.to_pylist()],
                                    schema=CURATED_SCHEMA) for batch in reader)
     try:
-        write_files(tables, tmp, total, cfg.rows_per_file)
+        write_files(tables, folder, total, cfg.rows_per_file)
     finally:
         reader.close()  # the connection runs nothing else while a result is open
-    write_extras(tmp)
-    _swap(tmp, out)
+    write_extras(folder)
     return total
 
 
@@ -76,6 +74,7 @@ def write_files(tables, folder: Path, total: int, per_file: int) -> None:
 
 
 def to_example(row: dict, reasoning_format: str, out: Path) -> dict:
+    row = dict(row)  # its text columns are popped below; the caller's row stays whole
     prompt = [{"role": m["role"], "content": m.get("content"), "reasoning_content": None}
               for m in json.loads(row["messages"])]
     reasoning, answer = (row["reasoning"] or "").strip(), (row["content"] or "").strip()
@@ -88,13 +87,3 @@ def to_example(row: dict, reasoning_format: str, out: Path) -> dict:
         row.pop(name)
     logprobs_file = None if file is None else file if is_url(file) else os.path.relpath(file, out.resolve())
     return {"messages": [*prompt, turn], **row, "logprobs_file": logprobs_file}
-
-
-def _swap(tmp: Path, out: Path) -> None:
-    """Replace `out` by `tmp`: the old folder is moved aside first, so one of the two is always complete."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -5,8 +5,9 @@ Turns a run's trace shards into a curated SFT dataset through a DuckDB database 
 views over traces/ and logprobs/ (filter/store.py), one label table per signal, computed only for traces
 not labeled yet (filter/labels.py, filter/verify.py, filter/dedup.py, filter/contamination.py), rules as SQL
 files whose names are their reject reasons (filter/rules.py), selection policies (filter/select.py), and the
-export with its card (filter/export.py, filter/card.py). The database is updated atomically: an interrupted
-run leaves the previous state. Exit codes: 0 done, 2 a config or input error (named).
+export with its card (filter/export.py, filter/card.py). The database and the curated folder switch to the new
+state only when the run finishes (filter/store.py): an interrupted run leaves the previous state. Exit codes:
+0 done, 2 a config or input error (named).
 """
 
 import json
@@ -19,14 +20,14 @@ from pathlib import Path
 
 import yaml
 
-from evals.benchmarks import InputError
+from data.config import ConfigError, InputError
 from filter import labels
 from filter.card import print_funnel, stats, write_card
-from filter.config import ConfigError, FilterConfig, is_url, parse_config
+from filter.config import FilterConfig, is_url, parse_config
 from filter.export import export
 from filter.rules import apply_rules
 from filter.select import select
-from filter.store import FilterError, create_views, run_sql_files, update_problems, updating
+from filter.store import create_views, run_sql_files, update_problems, updating
 from filter.verify import label_verified
 
 log = logging.getLogger("filter")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
         log.info("resolved config:\n%s", yaml.safe_dump(asdict(cfg), sort_keys=False).rstrip())
-        with updating(cfg.db) as con:
+        with updating(cfg.db, cfg.output_dir) as (con, curated):
             # --- the store: views over the parts, the problems behind them --------------------------------
             create_views(con, cfg.run_dir)
             labels.create_macros(con)
@@ -54,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             # --- export the curated set with its card and funnel ---------------------------------------------
             st = stats(con)
             funnel["exported"] = st["rows"]
-            export(con, cfg, lambda folder: write_card(folder, cfg, funnel, st))
+            export(con, cfg, curated, lambda folder: write_card(folder, cfg, funnel, st))
             save_funnel(con, funnel)
-    except (ConfigError, FilterError, InputError, OSError) as e:
+    except (ConfigError, InputError, OSError) as e:
         log.error("%s", e)
         return 2
     # --- report ---------------------------------------------------------------------------------------------

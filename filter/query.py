@@ -10,7 +10,8 @@ import sys
 
 import duckdb
 
-from filter.store import FilterError, open_readonly
+from data.config import InputError
+from filter.store import open_readonly
 
 MAX_CELL = 80  # characters shown per cell; --out writes whole values
 
@@ -25,7 +26,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         con = open_readonly(args.run)
-    except (FilterError, duckdb.Error) as e:
+    except (InputError, duckdb.Error) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

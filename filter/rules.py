@@ -15,8 +15,8 @@ from pathlib import Path
 
 import duckdb
 
-from filter.config import ConfigError, FilterConfig
-from filter.store import FilterError
+from data.config import ConfigError, InputError
+from filter.config import FilterConfig
 
 DEFAULT_RULES = Path(__file__).parent / "rules"
 RULE_NAME = re.compile(r"(\d+)_([A-Za-z0-9_]+)\.sql")
@@ -28,7 +28,7 @@ def rule_files(cfg: FilterConfig) -> list[tuple[str, Path]]:
     for folder in [DEFAULT_RULES, *map(Path, cfg.rules_dir or [])]:
         for file in folder.glob("*.sql"):
             if not RULE_NAME.fullmatch(file.name):
-                raise FilterError(f"{file}: a rule file is named <order>_<reason>.sql, e.g. 060_unverified.sql")
+                raise InputError(f"{file}: a rule file is named <order>_<reason>.sql, e.g. 060_unverified.sql")
             by_name[file.name] = file
     rules = [(RULE_NAME.fullmatch(name).group(2), by_name[name]) for name in sorted(by_name)]
     unknown = set(cfg.disable_rules or []) - {reason for reason, _ in rules}
@@ -55,7 +55,7 @@ def apply_rules(con, cfg: FilterConfig) -> dict:
             con.execute(f"INSERT INTO rejections SELECT DISTINCT trace_id, ?, ?, ? FROM ({select}\n)",
                         [reason, order, str(file)])
         except duckdb.Error as e:
-            raise FilterError(f"{file}: {e}") from None
+            raise InputError(f"{file}: {e}") from None
     create_result_views(con)
     rows_in = con.execute("SELECT count(*) FROM traces").fetchall()[0][0]
     counts = dict((r, (first, any_)) for r, first, any_ in con.execute("""

@@ -7,7 +7,6 @@ Derived here instead of TRL's defaults (each logged when it applies): max_length
 1024 would cut long traces silently), bf16 only on a GPU, no gradient checkpointing on a CPU.
 """
 
-import json
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from tracegen.config import ConfigError  # one "a setting is wrong" error across the stages
+from data.config import ConfigError, config_file, json_dict
+from data.config import parse_config as parse
 
 log = logging.getLogger(__name__)
 KD_MODES = ("none", "sparse", "online")
@@ -66,7 +66,7 @@ class DistillArguments:
                      default="none")
 
     def __post_init__(self):
-        self.chat_template_kwargs = _json_dict("chat_template_kwargs", self.chat_template_kwargs)
+        self.chat_template_kwargs = json_dict("chat_template_kwargs", self.chat_template_kwargs)
         if not self.dataset:
             raise ConfigError("dataset: required (e.g. runs/<name>/curated)")
         if self.kd not in KD_MODES:
@@ -100,38 +100,19 @@ def check_with_training_args(args: DistillArguments, training_args) -> None:
                           "KD loss work on one sequence per row); set packing: false")
 
 
-def _json_dict(name: str, value):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{name}: not a JSON object: {e}") from None
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
 def parse_config(argv: list[str] | None = None):
-    """(DistillArguments, SFTConfig, ModelConfig, set_by_user) from --config file.yaml plus --field overrides."""
+    """(DistillArguments, SFTConfig, ModelConfig, set_by_user) from --config file.yaml plus --field overrides,
+    read by the stages' one parser (data/config.py)."""
     import torch
-    from trl import ModelConfig, SFTConfig, TrlParser
+    from trl import ModelConfig, SFTConfig
 
-    parser = TrlParser([DistillArguments, SFTConfig, ModelConfig], allow_abbrev=False, prog="python -m sft")
-    # TRL defaults to bf16, which SFTConfig refuses on a CPU: derive it from the device (a set value still wins)
-    parser.set_defaults(bf16=torch.cuda.is_available())
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if config_path and not Path(config_path).is_file():
-        raise ConfigError(f"--config: no such file: {config_path}")
-    try:
-        args, training_args, model_args = parser.parse_args_and_config(argv)
-    except ConfigError:
-        raise
-    except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+    # TRL defaults to bf16, which SFTConfig refuses on a CPU: derive it from the device (a set value still wins)
+    args, training_args, model_args = parse([DistillArguments, SFTConfig, ModelConfig], argv, "python -m sft",
+                                            defaults={"bf16": torch.cuda.is_available()})
     if not model_args.model_name_or_path:
         raise ConfigError("model_name_or_path: required (the student: a model directory or hub name)")
-    return args, training_args, model_args, _set_by_user(argv, config_path)
+    return args, training_args, model_args, _set_by_user(argv, config_file(argv))
 
 
 def _set_by_user(argv: list[str], config_path: str | None) -> set[str]:

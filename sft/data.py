@@ -11,7 +11,7 @@ from pathlib import Path
 
 import datasets
 
-from tracegen.config import ConfigError
+from data.config import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tracegen.config import ConfigError
+from data.config import ConfigError
 
 log = logging.getLogger("sft.quantize")
 SCHEMES = ("int8", "int4", "w8a8", "fp8")

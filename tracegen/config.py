@@ -1,21 +1,26 @@
-"""TracegenConfig: the one flat config of the tracegen stage, read from YAML and overridable by flags."""
+"""The tracegen stage's config: EngineConfig (which model generates, and how its requests travel) and
+TracegenConfig (EngineConfig plus the problems, the prompt, the sampling and the output), one flat YAML.
 
-import json
-import logging
+    python -m tracegen --config recipes/<x>/tracegen.yaml [--field value ...]
+
+evals parses EngineConfig beside its own config (as TRL's scripts parse ModelConfig beside theirs), so the
+model an evals run samples is set with the same keys as tracegen's teacher.
+"""
+
 import os
 import re
 import shlex
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from data.config import ConfigError, at_least, json_dict, save_config
+from data.config import parse_config as parse
+from tracegen.secrets import public_url, url_secrets
 
-log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message names it."""
+ENGINES = ("http", "vllm", "hf")
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+PROBLEM_SOURCE = ("problems", "problems_split", "problems_config", "problems_revision", "column_map",
+                  "problem_defaults", "answer_format", "id_prefix")  # load_problems' arguments
 
 
 def _help(text: str, **kw):
@@ -23,7 +28,107 @@ def _help(text: str, **kw):
 
 
 @dataclass
-class TracegenConfig:
+class EngineConfig:
+    # --- the model ------------------------------------------------------------------------------------
+    engine: str = _help(
+        "http: any OpenAI-compatible /v1/chat/completions server (base_url or serve_model); vllm: vLLM's offline "
+        "LLM in this process; hf: transformers generate in this process (CPUs, LoRA adapters).", default="http")
+    base_url: list[str] | None = _help(
+        "One base URL or a list (balanced), e.g. http://host:8000/v1. Credentials in it (user:pass@, ?api_key=) "
+        "are sent, and shown as ***.", default=None)
+    serve_model: str | None = _help(
+        "Instead of base_url: a model path that is served with vLLM on a free loopback port (and stopped at "
+        "the end).", default=None)
+    serve_args: list[str] | str | None = _help(
+        'Extra arguments for the managed vLLM server: a YAML list or one string, e.g. '
+        '"--max-model-len 4096 --reasoning-parser deepseek_r1".', default=None)
+    serve_timeout_s: float = _help("Seconds to wait for the managed server to become healthy.", default=900.0)
+    model: str | None = _help(
+        "http: the model name sent to the server (default: the only model it lists). vllm/hf: the model "
+        "directory or hub name to load.", default=None)
+    adapter: str | None = _help("vllm/hf: a LoRA adapter directory applied to `model`.", default=None)
+    engine_kwargs: dict | str | None = _help(
+        "vllm: arguments of vllm.LLM (e.g. {max_model_len: 4096, gpu_memory_utilization: 0.9}); hf: of "
+        "from_pretrained (e.g. {dtype: bfloat16}).", default=None)
+    batch_size: int = _help("vllm/hf: prompts per in-process batch (a shard part is written after each).",
+                            default=64)
+    api_key_env: str | None = _help(
+        "Name of the environment variable holding the API key (the key itself is never stored or shown).",
+        default=None)
+    endpoint_id: str | None = _help(
+        "Identity of the endpoint in request keys. Default: the host of the first base_url (loopback and "
+        "managed servers: 'local'). Set it to keep resuming when servers move.", default=None)
+    # --- transport ------------------------------------------------------------------------------------
+    samples_per_request: int | None = _help(
+        "At most this many samples per request (1 for APIs that refuse n>1). Default: all n at once.",
+        default=None)
+    return_token_ids: bool | None = _help(
+        "Ask the server for completion token ids (a vLLM extension) for exact per-sample token counts. "
+        "Default: on for managed servers and with top_logprobs.", default=None)
+    concurrency: int = _help("Requests in flight at once (over all base URLs).", default=64)
+    timeout_s: float = _help("Seconds one request may take (long reasoning is slow).", default=3600.0)
+    max_retries: int = _help("Retries of a request on 429, 5xx, dropped connections, timeouts.", default=8)
+    retry_backoff_s: float = _help("First retry delay; doubles each retry, with jitter.", default=1.0)
+    retry_max_backoff_s: float = _help("Longest retry delay.", default=120.0)
+
+    def __post_init__(self):
+        self.engine_kwargs = json_dict("engine_kwargs", self.engine_kwargs)
+        if isinstance(self.serve_args, str):
+            self.serve_args = shlex.split(self.serve_args)
+        if isinstance(self.base_url, str):
+            self.base_url = [self.base_url]
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: {self.engine!r} is not one of: {', '.join(ENGINES)}")
+        for url in self.base_url or []:
+            if not re.match(r"https?://[^/]", url):
+                raise ConfigError(f"base_url: {public_url(url)!r} is not an http(s):// URL")
+        if self.base_url and self.serve_model:
+            raise ConfigError("base_url / serve_model: set exactly one (a server to use, or a model to serve)")
+        if self.engine != "http" and (self.base_url or self.serve_model):
+            raise ConfigError(f"engine: {self.engine} loads `model` in this process: set model, not base_url or "
+                              "serve_model")
+        if self.adapter and self.engine == "http":
+            raise ConfigError("adapter: only for engine vllm or hf (serve a merged model or use vLLM's --lora-modules)")
+        at_least(self, 1, "concurrency", "batch_size", "samples_per_request")
+        at_least(self, 0, "max_retries")
+        if self.api_key_env and self.api_key_env not in os.environ:
+            raise ConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
+
+    @property
+    def has_model(self) -> bool:
+        return bool(self.base_url or self.serve_model) if self.engine == "http" else bool(self.model)
+
+    def require_model(self) -> None:
+        if not self.has_model:
+            raise ConfigError("base_url / serve_model / model: nothing generates: set base_url (a server), "
+                              "serve_model (a model to serve) or, with engine vllm or hf, model")
+
+    def api_key(self) -> str:
+        # vLLM and most self-hosted servers accept any key when they were started without one.
+        return os.environ[self.api_key_env] if self.api_key_env else "EMPTY"
+
+    def secrets(self) -> list[str]:
+        """What must never be written or logged: the API key, credentials in base_url, vLLM's --api-key."""
+        found = [os.environ[self.api_key_env]] if self.api_key_env else []
+        for url in self.base_url or []:
+            found += url_secrets(url)
+        args = self.serve_args or []
+        found += [value for flag, value in zip(args, args[1:], strict=False) if flag == "--api-key"]
+        found += [a.split("=", 1)[1] for a in args if a.startswith("--api-key=")]
+        return found
+
+    def public(self) -> dict:
+        """The fields as they may be logged and saved: base_url credentials shown as ***."""
+        values = asdict(self)
+        if self.base_url:
+            values["base_url"] = [public_url(u) for u in self.base_url]
+        if self.serve_args:
+            values["serve_args"] = [a if a not in self.secrets() else "***" for a in self.serve_args]
+        return values
+
+
+@dataclass
+class TracegenConfig(EngineConfig):
     # --- problems -------------------------------------------------------------------------------------
     problems: str | None = _help("JSONL or Parquet file, a dataset folder, or a Hugging Face dataset name.", default=None)
     output_dir: str | None = _help("Run directory; traces go to <output_dir>/traces/.", default=None)
@@ -51,37 +156,8 @@ class TracegenConfig:
     system_prompt: str | None = _help("Text or Jinja file with a system turn. Default: none.", default=None)
     chat_template_kwargs: dict | str | None = _help(
         "Passed to the server's chat template, e.g. {enable_thinking: true}.", default=None)
-    # --- teacher --------------------------------------------------------------------------------------
-    engine: str = _help(
-        "http: any OpenAI-compatible /v1/chat/completions server (base_url or serve_model); vllm: vLLM's offline "
-        "LLM in this process; hf: transformers generate in this process (CPUs, LoRA adapters).", default="http")
-    base_url: list[str] | None = _help("One base URL or a list (balanced), e.g. http://host:8000/v1.", default=None)
-    serve_model: str | None = _help(
-        "Instead of base_url: a model path that tracegen serves itself with vLLM on a free loopback port.",
-        default=None)
-    serve_args: str | None = _help(
-        'Extra arguments for the managed vLLM server: a YAML list or one string, e.g. '
-        '"--max-model-len 4096 --reasoning-parser deepseek_r1".', default=None)
-    serve_timeout_s: float = _help("Seconds to wait for the managed server to become healthy.", default=900.0)
-    model: str | None = _help(
-        "http: the model name sent to the server (default: the only model it lists). vllm/hf: the model "
-        "directory or hub name to load.", default=None)
-    adapter: str | None = _help("vllm/hf: a LoRA adapter directory applied to `model`.", default=None)
-    engine_kwargs: dict | str | None = _help(
-        "vllm: arguments of vllm.LLM (e.g. {max_model_len: 4096, gpu_memory_utilization: 0.9}); hf: of "
-        "from_pretrained (e.g. {dtype: bfloat16}).", default=None)
-    batch_size: int = _help("vllm/hf: prompts per in-process batch (a shard part is written after each).",
-                            default=64)
-    api_key_env: str | None = _help(
-        "Name of the environment variable holding the API key (the key itself is never stored).", default=None)
-    endpoint_id: str | None = _help(
-        "Identity of the teacher endpoint in request keys. Default: the host of the first base_url (loopback "
-        "and managed servers: 'local'). Set it to keep resuming when servers move.", default=None)
     # --- sampling -------------------------------------------------------------------------------------
     n: int = _help("Samples per problem.", default=1)
-    samples_per_request: int | None = _help(
-        "At most this many samples per request (1 for APIs that refuse n>1). Default: all n at once.",
-        default=None)
     temperature: float = _help("Sampling temperature.", default=0.6)
     top_p: float = _help("Nucleus sampling.", default=0.95)
     max_tokens: int = _help("Most completion tokens per sample (reasoning included).", default=32768)
@@ -91,18 +167,9 @@ class TracegenConfig:
         "mass outside them and the prompt's ids: the model's raw distribution at temperature 1 (vLLM's default), "
         "not the sampled one at temperature / top_p (data/README.md, Teacher logprobs).",
         default=0)
-    return_token_ids: bool | None = _help(
-        "Ask the server for completion token ids (a vLLM extension) for exact per-sample token counts. "
-        "Default: on for managed servers and with top_logprobs.", default=None)
     extra_body: dict | str | None = _help(
         "Extra request fields the server understands, e.g. {top_k: 20, repetition_detection: {...}}.",
         default=None)
-    # --- transport ------------------------------------------------------------------------------------
-    concurrency: int = _help("Requests in flight at once (over all base URLs).", default=64)
-    timeout_s: float = _help("Seconds one request may take (long reasoning is slow).", default=3600.0)
-    max_retries: int = _help("Retries of a request on 429, 5xx, dropped connections, timeouts.", default=8)
-    retry_backoff_s: float = _help("First retry delay; doubles each retry, with jitter.", default=1.0)
-    retry_max_backoff_s: float = _help("Longest retry delay.", default=120.0)
     # --- output ---------------------------------------------------------------------------------------
     shard_rows: int = _help("Traces per finished Parquet file.", default=2000)
     price_input_per_mtok: float | None = _help("Price per million prompt tokens, for the cost line.", default=None)
@@ -110,38 +177,21 @@ class TracegenConfig:
     log_every_s: float = _help("Status line interval when stderr is not a terminal.", default=60.0)
 
     def __post_init__(self):
-        for name in ("column_map", "problem_defaults", "chat_template_kwargs", "extra_body", "engine_kwargs"):
-            setattr(self, name, _json_dict(name, getattr(self, name)))
-        if isinstance(self.serve_args, str):
-            self.serve_args = shlex.split(self.serve_args)
-        if isinstance(self.base_url, str):
-            self.base_url = [self.base_url]
+        super().__post_init__()
+        for name in ("column_map", "problem_defaults", "chat_template_kwargs", "extra_body"):
+            setattr(self, name, json_dict(name, getattr(self, name)))
         if not self.problems:
             raise ConfigError("problems: required (a JSONL/Parquet file or a dataset name)")
         if not self.output_dir:
             raise ConfigError("output_dir: required (e.g. runs/<name>)")
-        if self.engine not in ("http", "vllm", "hf"):
-            raise ConfigError(f"engine: {self.engine!r} is not one of: http, vllm, hf")
-        if self.answer_format not in ("plain", "gsm8k", "boxed"):
-            raise ConfigError(f"answer_format: {self.answer_format!r} is not one of: plain, gsm8k, boxed")
-        if self.engine == "http" and bool(self.base_url) == bool(self.serve_model):
-            raise ConfigError("base_url / serve_model: set exactly one (a server to use, or a model to serve)")
-        if self.engine != "http" and (self.base_url or self.serve_model or not self.model):
-            raise ConfigError(f"engine: {self.engine} loads `model` in this process: set model, not base_url or "
-                              "serve_model")
-        if self.adapter and self.engine == "http":
-            raise ConfigError("adapter: only for engine vllm or hf (serve a merged model or use vLLM's --lora-modules)")
+        self.require_model()
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ConfigError(f"answer_format: {self.answer_format!r} is not one of: {', '.join(ANSWER_FORMATS)}")
         if not re.fullmatch(r"\d+/\d+", self.shard) or not int(self.shard.split("/")[0]) < int(self.shard.split("/")[1]):
             raise ConfigError(f"shard: {self.shard!r} is not i/N with 0 <= i < N")
-        _positive(self, "n", "concurrency", "max_tokens", "shard_rows", "batch_size")
-        if self.samples_per_request is not None:
-            _positive(self, "samples_per_request")
+        at_least(self, 1, "n", "max_tokens", "shard_rows", "limit")
         if not 0 <= self.top_logprobs <= 20:
             raise ConfigError(f"top_logprobs: {self.top_logprobs} is not within 0..20")
-        if self.max_retries < 0:
-            raise ConfigError("max_retries: must be >= 0")
-        if self.api_key_env and self.api_key_env not in os.environ:
-            raise ConfigError(f"api_key_env: environment variable {self.api_key_env} is not set")
 
     @property
     def shard_index(self) -> tuple[int, int]:
@@ -154,48 +204,16 @@ class TracegenConfig:
             return self.return_token_ids
         return bool(self.serve_model) or self.top_logprobs > 0
 
-    def api_key(self) -> str:
-        # vLLM and most self-hosted servers accept any key when they were started without one.
-        return os.environ[self.api_key_env] if self.api_key_env else "EMPTY"
+    def problem_source(self) -> dict:
+        """load_problems' arguments: where the problems come from and how they are read."""
+        return {name: getattr(self, name) for name in PROBLEM_SOURCE}
 
     def save(self, path: Path) -> None:
-        """The resolved config, for the run directory. Holds the key's variable name, never the key."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
-        tmp.replace(path)
-
-
-def _json_dict(name: str, value):
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{name}: not a JSON object: {e}") from None
-    if value is not None and not isinstance(value, dict):
-        raise ConfigError(f"{name}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _positive(cfg, *names):
-    for name in names:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
+        """The resolved config, for the run directory: the key's variable name, never the key."""
+        save_config(path, self.public())
 
 
 def parse_config(argv: list[str] | None = None) -> TracegenConfig:
-    """--config file.yaml plus --field value overrides; unknown keys and abbreviations are errors."""
-    from trl import TrlParser  # light: only the parser, not the trainers
-
-    parser = TrlParser([TracegenConfig], allow_abbrev=False, prog="python -m tracegen")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
-    if config_path and not Path(config_path).is_file():
-        raise ConfigError(f"--config: no such file: {config_path}")
-    try:
-        (cfg,) = parser.parse_args_and_config(argv)
-    except ConfigError:
-        raise
-    except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"{config_path or 'command line'}: {e}") from None
+    """--config file.yaml plus --field value overrides (data/config.py); unknown keys and abbreviations are errors."""
+    (cfg,) = parse([TracegenConfig], argv, "python -m tracegen")
     return cfg

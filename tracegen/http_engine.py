@@ -3,7 +3,8 @@
 One `AsyncOpenAI` client per base URL (SDK retries off: retries are ours, so they are counted and honour
 Retry-After), least-busy balancing across them, and per-request retries with exponential backoff and
 jitter on 429, 5xx, dropped connections, timeouts and malformed bodies. A request that still fails becomes
-samples with `error` set; `finish_reason` "length"/"repetition" are outcomes, never retried.
+samples with `error` set; `finish_reason` "length"/"repetition" are outcomes, never retried. Error texts
+carry the server's message with every secret replaced by *** (tracegen/secrets.py): a server may echo the key.
 """
 
 import asyncio
@@ -17,6 +18,7 @@ import httpx
 import openai
 
 from tracegen.records import Response, Sample, split_reasoning
+from tracegen.secrets import Redactor, public_url
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class HttpEngine:
         self.cfg = cfg
         self.clients = clients
         self.in_flight = [0] * len(clients)
+        self.redact = Redactor(cfg.secrets())
 
     async def generate(self, messages: list[dict], n: int) -> Response:
         """n samples for one prompt, with retries; never raises for a per-request failure."""
@@ -54,14 +57,14 @@ class HttpEngine:
             except openai.APIStatusError as e:
                 if e.status_code in FATAL_STATUS:
                     raise FatalEndpointError(
-                        f"{self.clients[index].base_url}: HTTP {e.status_code} {_message(e)} "
-                        f"(check {FATAL_STATUS[e.status_code]})") from None
-                error = f"HTTP {e.status_code}: {_message(e)}"
+                        f"{public_url(str(self.clients[index].base_url))}: HTTP {e.status_code} "
+                        f"{self._message(e)} (check {FATAL_STATUS[e.status_code]})") from None
+                error = f"HTTP {e.status_code}: {self._message(e)}"
                 if e.status_code not in RETRY_STATUS:
                     break
                 delay = _retry_after(e.response) or self._backoff(attempt)
             except (openai.APIConnectionError, MalformedResponse) as e:  # timeouts are connection errors too
-                error = f"{type(e).__name__}: {e}"
+                error = self.redact(f"{type(e).__name__}: {e}")
                 delay = self._backoff(attempt)
             finally:
                 self.in_flight[index] -= 1
@@ -74,6 +77,12 @@ class HttpEngine:
     @staticmethod
     def failed(n: int, error: str, attempts: int = 0, latency_s: float = 0.0) -> Response:
         return Response(samples=[Sample() for _ in range(n)], latency_s=latency_s, attempts=attempts, error=error)
+
+    def _message(self, e: openai.APIStatusError) -> str:
+        """The server's error message, secrets masked before it is cut to length (a cut could split one)."""
+        body = e.body if isinstance(e.body, dict) else {}
+        inner = body.get("error") if isinstance(body.get("error"), dict) else {}
+        return self.redact(str(body.get("message") or inner.get("message") or e.message or ""))[:300]
 
     def _body(self, messages: list[dict], n: int) -> dict:
         cfg = self.cfg
@@ -101,12 +110,6 @@ class HttpEngine:
     def _backoff(self, attempt: int) -> float:
         cap = min(self.cfg.retry_max_backoff_s, self.cfg.retry_backoff_s * 2 ** (attempt - 1))
         return random.uniform(cap / 2, cap)
-
-
-def _message(e: openai.APIStatusError) -> str:
-    body = e.body if isinstance(e.body, dict) else {}
-    inner = body.get("error") if isinstance(body.get("error"), dict) else {}
-    return str(body.get("message") or inner.get("message") or e.message or "")[:300]
 
 
 def _retry_after(response: httpx.Response) -> float | None:

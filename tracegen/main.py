@@ -2,7 +2,12 @@
 
 Reads problems, asks the teacher for n chain-of-thought samples each, and writes trace shards under
 <output_dir>/traces/ (schema: data/README.md). Rerunning the same command skips finished traces and
-retries failed ones; `--shard i/N` splits the job across machines.
+retries failed ones; `--shard i/N` splits the job across machines. Other stages call the same work as a
+function (evals samples the models it scores this way):
+
+    from tracegen.main import generate
+    result = generate(TracegenConfig(problems="p.jsonl", output_dir="runs/x", base_url=["http://h:8000/v1"]))
+    result.trace_ids[("p1", 0)]   # the trace of each (problem id, sample index) the config asks for
 """
 
 import asyncio
@@ -10,20 +15,22 @@ import contextlib
 import json
 import logging
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import openai
 
-from tracegen.config import ConfigError, TracegenConfig, parse_config
+from data.config import ConfigError, InputError
+from tracegen.config import TracegenConfig, parse_config
 from tracegen.http_engine import FatalEndpointError, HttpEngine
-from tracegen.problems import ProblemError, load_problems, make_renderer, shard_of
+from tracegen.problems import load_problems, make_renderer, shard_of
 from tracegen.progress import Meter, Tally, cost
 from tracegen.records import logprob_row, request_key, source_key, trace_id
+from tracegen.secrets import Redactor, public_url, split_query
 from tracegen.server import ServerError, managed_vllm_server
-from tracegen.store import ShardWriter, done_trace_ids, write_problems
+from tracegen.store import ShardWriter, check_parts, done_trace_ids, write_problems
 
 log = logging.getLogger("tracegen")
 
@@ -36,35 +43,55 @@ class WorkItem:
     indexes: list[int]
 
 
+@dataclass
+class Generated:
+    """What generate() leaves: the trace id of every (problem id, sample index) the config asks for, in problem
+    order (their rows: tracegen.store.read_traces), and the summary it wrote next to the traces."""
+    trace_ids: dict[tuple[str, int], str]
+    summary: dict
+
+    @property
+    def failed(self) -> int:
+        return self.summary["this_run"]["errors"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    cfg = None
     try:
         cfg = parse_config(argv)
-        log.info("resolved config:\n%s", json.dumps(asdict(cfg), indent=2))
-        # --- load: every problem is validated before anything is sent --------------------------------
-        problems = load_problems(cfg)
-        mine = shard_of(problems, cfg.shard_index)[: cfg.limit]
-        render = make_renderer(cfg.prompt_template, cfg.system_prompt)
-        prompts = {p["id"]: render(p) for p in mine}
-        log.info("%d problems (%d in shard %s), n=%d", len(problems), len(mine), cfg.shard, cfg.n)
-        # --- generate ----------------------------------------------------------------------------------
-        if cfg.engine == "http":
-            with teacher(cfg) as base_urls:
-                tally = asyncio.run(generate(cfg, base_urls, prompts, mine))
-        else:
-            tally = generate_in_process(cfg, prompts, mine)
-    except (ConfigError, ProblemError, ServerError, FatalEndpointError, ImportError, OSError) as e:
-        log.error("%s", e)
+        log.info("resolved config:\n%s", json.dumps(cfg.public(), indent=2))
+        result = generate(cfg)
+    except (ConfigError, InputError, ServerError, FatalEndpointError, ImportError, OSError) as e:
+        log.error("%s", Redactor(cfg.secrets() if cfg else [])(str(e)))
         return 2
     # --- report ----------------------------------------------------------------------------------------
-    summary = write_summary(cfg, tally, len(mine))
-    log.info("done: %d samples, %d failed, %s tokens, %.0fs%s", tally.samples, tally.errors,
-             f"{tally.completion_tokens:,}", tally.wall_s,
-             f", cost ${summary['this_run']['cost_usd']}" if summary["this_run"]["cost_usd"] is not None else "")
-    if tally.errors:
+    run = result.summary["this_run"]
+    log.info("done: %d samples, %d failed, %s tokens, %.0fs%s", run["samples"], run["errors"],
+             f"{run['completion_tokens']:,}", run["wall_s"],
+             f", cost ${run['cost_usd']}" if run["cost_usd"] is not None else "")
+    if result.failed:
         log.error("%d samples failed after retries (see the error column and the summary); rerun the same "
-                  "command to retry only those", tally.errors)
+                  "command to retry only those", result.failed)
         return 1
     return 0
+
+
+def generate(cfg: TracegenConfig) -> Generated:
+    """Generate and write every sample `cfg` asks for that its run directory lacks. The problems, the run
+    directory and the teacher are checked before anything is written: ConfigError, InputError, ServerError and
+    FatalEndpointError name what is wrong."""
+    # --- load: every problem is validated before anything is sent ------------------------------------
+    problems = load_problems(**cfg.problem_source())
+    mine = shard_of(problems, cfg.shard_index)[: cfg.limit]
+    render = make_renderer(cfg.prompt_template, cfg.system_prompt)
+    prompts = {p["id"]: render(p) for p in mine}
+    check_parts(Path(cfg.output_dir))
+    log.info("%d problems (%d in shard %s), n=%d", len(problems), len(mine), cfg.shard, cfg.n)
+    # --- generate --------------------------------------------------------------------------------------
+    if cfg.engine == "http":
+        with teacher(cfg) as base_urls:
+            return asyncio.run(generate_http(cfg, base_urls, prompts, mine))
+    return generate_in_process(cfg, prompts, mine)
 
 
 @contextlib.contextmanager
@@ -74,26 +101,26 @@ def teacher(cfg: TracegenConfig):
         yield cfg.base_url
         return
     name = cfg.model or Path(cfg.serve_model).name
-    cfg.model = name
     with managed_vllm_server(cfg.serve_model, name, cfg.serve_args or [], Path(cfg.output_dir) / "logs" /
                              "vllm-server.log", cfg.serve_timeout_s) as url:
         yield [url]
 
 
-async def generate(cfg: TracegenConfig, base_urls: list[str], prompts: dict, problems: list[dict]) -> Tally:
+async def generate_http(cfg: TracegenConfig, base_urls: list[str], prompts: dict, problems: list[dict]) -> Generated:
     """Check the servers, then write every sample not done yet (one event loop for the clients' life)."""
     clients = make_clients(cfg, base_urls)
     try:
-        cfg.model = await resolve_model(cfg, clients)
+        cfg = replace(cfg, model=await resolve_model(cfg, clients))  # the served name, in every request key
         with open_writer(cfg, problems) as writer:
-            work = plan_and_log(cfg, prompts, endpoint_id(cfg, base_urls), writer)
-            return finish(await generate_all(cfg, HttpEngine(cfg, clients), work, writer), cfg, prompts, work)
+            keys, work = plan_and_log(cfg, prompts, endpoint_id(cfg, base_urls), writer)
+            tally = await generate_all(cfg, HttpEngine(cfg, clients), work, writer)
+        return finish(cfg, prompts, keys, work, tally)
     finally:
         for client in clients:
             await client.close()
 
 
-def generate_in_process(cfg: TracegenConfig, prompts: dict, problems: list[dict]) -> Tally:
+def generate_in_process(cfg: TracegenConfig, prompts: dict, problems: list[dict]) -> Generated:
     """engine vllm/hf: batches of `batch_size` prompts through a model loaded here."""
     if cfg.engine == "vllm":
         from tracegen.vllm_engine import VllmEngine as Engine
@@ -102,18 +129,16 @@ def generate_in_process(cfg: TracegenConfig, prompts: dict, problems: list[dict]
     engine = Engine(cfg)  # load before writing anything: a bad model path fails with nothing half-written
     endpoint = cfg.engine + (f"+adapter:{cfg.adapter}" if cfg.adapter else "")
     with open_writer(cfg, problems) as writer:
-        work = plan_and_log(cfg, prompts, endpoint, writer)
-        return finish(generate_batches(cfg, engine, work, writer), cfg, prompts, work)
+        keys, work = plan_and_log(cfg, prompts, endpoint, writer)
+        tally = generate_batches(cfg, engine, work, writer)
+    return finish(cfg, prompts, keys, work, tally)
 
 
 @contextlib.contextmanager
 def open_writer(cfg: TracegenConfig, problems: list[dict]):
     run_dir, (i, count) = Path(cfg.output_dir), cfg.shard_index
     cfg.save(run_dir / ("tracegen.config.yaml" if count == 1 else f"tracegen.config.{i}of{count}.yaml"))
-    source = {name: getattr(cfg, name) for name in ("problems", "problems_split", "problems_config",
-                                                    "problems_revision", "column_map", "problem_defaults",
-                                                    "answer_format", "id_prefix")}
-    write_problems(run_dir, problems, source_key(source), cfg.shard_index)
+    write_problems(run_dir, problems, source_key(cfg.problem_source()), cfg.shard_index)
     writer = ShardWriter(run_dir, cfg.shard_index, cfg.shard_rows, logprobs=cfg.top_logprobs > 0)
     try:
         yield writer
@@ -121,50 +146,61 @@ def open_writer(cfg: TracegenConfig, problems: list[dict]):
         writer.close()
 
 
-def plan_and_log(cfg: TracegenConfig, prompts: dict, endpoint: str, writer: ShardWriter) -> list[WorkItem]:
-    work = plan(cfg, prompts, endpoint, done_trace_ids(Path(cfg.output_dir)))
+def plan_and_log(cfg: TracegenConfig, prompts: dict, endpoint: str, writer: ShardWriter
+                 ) -> tuple[dict[str, str], list[WorkItem]]:
+    keys = request_keys(cfg, prompts, endpoint)
+    work = plan(cfg, prompts, keys, done_trace_ids(Path(cfg.output_dir)))
     todo = sum(len(w.indexes) for w in work)
     log.info("%d samples to generate in %d requests (%d already done)", todo, len(work), len(prompts) * cfg.n - todo)
-    return work
+    return keys, work
 
 
-def finish(tally: Tally, cfg: TracegenConfig, prompts: dict, work: list[WorkItem]) -> Tally:
+def finish(cfg: TracegenConfig, prompts: dict, keys: dict[str, str], work: list[WorkItem], tally: Tally) -> Generated:
     tally.expected = len(prompts) * cfg.n
     tally.done = tally.expected - sum(len(w.indexes) for w in work) + tally.samples - tally.errors
-    return tally
+    trace_ids = {(pid, i): trace_id(keys[pid], pid, i) for pid in prompts for i in range(cfg.n)}
+    return Generated(trace_ids, write_summary(cfg, tally, len(prompts)))
 
 
 def make_clients(cfg: TracegenConfig, base_urls: list[str]) -> list[openai.AsyncOpenAI]:
     timeout = httpx.Timeout(cfg.timeout_s, connect=30.0)
     per_client = max(1, cfg.concurrency)
-    return [openai.AsyncOpenAI(
-        base_url=url, api_key=cfg.api_key(), max_retries=0, timeout=timeout,
-        http_client=openai.DefaultAsyncHttpxClient(
-            timeout=timeout, limits=httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)),
-    ) for url in base_urls]
+    clients = []
+    for url in base_urls:
+        base, query = split_query(url)  # the SDK sends `default_query` with every request, intact
+        clients.append(openai.AsyncOpenAI(
+            base_url=base, default_query=query or None, api_key=cfg.api_key(), max_retries=0, timeout=timeout,
+            http_client=openai.DefaultAsyncHttpxClient(
+                timeout=timeout, limits=httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)),
+        ))
+    return clients
 
 
 async def resolve_model(cfg: TracegenConfig, clients: list[openai.AsyncOpenAI]) -> str:
     """Check every server answers before anything is written; default the model to the one served."""
+    redact = Redactor(cfg.secrets())
+
     async def models(client):
+        where = public_url(str(client.base_url))
         try:
             return [m.id async for m in client.with_options(timeout=30, max_retries=2).models.list()]
         except openai.NotFoundError:
             return None  # some gateways do not list models
         except openai.AuthenticationError:
-            raise ConfigError(f"{client.base_url}: the API key was refused (api_key_env: {cfg.api_key_env})") from None
+            raise ConfigError(f"{where}: the API key was refused (api_key_env: {cfg.api_key_env})") from None
         except openai.APIError as e:
-            raise ConfigError(f"base_url: cannot reach {client.base_url}: {e}") from None
+            raise ConfigError(redact(f"base_url: cannot reach {where}: {e}")) from None
 
     listed = [await models(c) for c in clients]
     if cfg.model is None:
         if not listed[0] or len(listed[0]) != 1:
-            raise ConfigError(f"model: required; {clients[0].base_url} serves {listed[0]}")
+            raise ConfigError(f"model: required; {public_url(str(clients[0].base_url))} serves {listed[0]}")
         log.info("model: %s (the only model the server lists)", listed[0][0])
         return listed[0][0]
     for client, names in zip(clients, listed, strict=True):
         if names is not None and cfg.model not in names:
-            raise ConfigError(f"model: {cfg.model!r} is not served by {client.base_url} (it serves {names})")
+            raise ConfigError(f"model: {cfg.model!r} is not served by {public_url(str(client.base_url))} "
+                              f"(it serves {names})")
     return cfg.model
 
 
@@ -182,15 +218,20 @@ def sampling_params(cfg: TracegenConfig) -> dict:
             "chat_template_kwargs": cfg.chat_template_kwargs}
 
 
-def plan(cfg: TracegenConfig, prompts: dict, endpoint: str, done: set[str]) -> list[WorkItem]:
+def request_keys(cfg: TracegenConfig, prompts: dict, endpoint: str) -> dict[str, str]:
+    """problem id -> the hash of everything that decides its samples (tracegen/records.py)."""
+    sampling = sampling_params(cfg)
+    return {problem_id: request_key(messages, cfg.model, endpoint, sampling) for problem_id, messages in prompts.items()}
+
+
+def plan(cfg: TracegenConfig, prompts: dict, keys: dict[str, str], done: set[str]) -> list[WorkItem]:
     """The requests still needed: every sample index of every problem whose trace is not done."""
-    sampling, per_request = sampling_params(cfg), cfg.samples_per_request or cfg.n
+    per_request = cfg.samples_per_request or cfg.n
     work = []
     for problem_id, messages in prompts.items():
-        key = request_key(messages, cfg.model, endpoint, sampling)
-        missing = [i for i in range(cfg.n) if trace_id(key, problem_id, i) not in done]
+        missing = [i for i in range(cfg.n) if trace_id(keys[problem_id], problem_id, i) not in done]
         for start in range(0, len(missing), per_request):
-            work.append(WorkItem(problem_id, messages, key, missing[start:start + per_request]))
+            work.append(WorkItem(problem_id, messages, keys[problem_id], missing[start:start + per_request]))
     return work
 
 
@@ -207,7 +248,7 @@ async def generate_all(cfg: TracegenConfig, engine: HttpEngine, work: list[WorkI
                 raise
             except Exception as e:  # a bug must not kill a week-long job: record it on the item
                 log.exception("request for %s failed unexpectedly", item.problem_id)
-                response = engine.failed(len(item.indexes), f"internal error: {type(e).__name__}: {e}")
+                response = engine.failed(len(item.indexes), engine.redact(f"internal error: {type(e).__name__}: {e}"))
             writer.append(*to_rows(item, response, sampling, cfg.top_logprobs > 0))
             tally.add(item.problem_id, response)
             meter.update(tally)

@@ -40,7 +40,7 @@ def managed_vllm_server(model_path: str, served_name: str, extra_args: list[str]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port), *extra_args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log.info("starting vLLM: %s (log: %s)", " ".join(cmd), log_path)
+    log.info("starting vLLM: %s (log: %s)", shown(cmd), log_path)
     with log_path.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)  # own process group: we stop its workers too
@@ -50,6 +50,13 @@ def managed_vllm_server(model_path: str, served_name: str, extra_args: list[str]
         yield base + "/v1"
     finally:
         stop(proc)
+
+
+def shown(cmd: list[str]) -> str:
+    """The command line as it may be logged: the value of vLLM's --api-key masked."""
+    masked = ["***" if before == "--api-key" else "--api-key=***" if arg.startswith("--api-key=") else arg
+              for before, arg in zip(["", *cmd[:-1]], cmd, strict=True)]
+    return " ".join(masked)
 
 
 def _wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout_s: float) -> None:

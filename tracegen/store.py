@@ -5,7 +5,9 @@ logprobs/ under the same name). The open shard is a journal: every finished requ
 Arrow IPC stream and flushed at once, so `kill -9` at any moment loses only the requests in flight. On
 start the journal is recovered (a torn last batch is dropped) and rolled into a Parquet part. A shard's
 Parquet files are written under a temp name and renamed, logprobs before traces, so a trace part on disk
-means its logprobs are there too.
+means its logprobs are there too. A journal that cannot be read to its end (a torn last batch, or not a
+journal at all) gives up the rows it holds whole; the file is set aside as `<journal>.corrupt`, never deleted,
+and a warning names it.
 """
 
 import fcntl
@@ -17,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from data.config import ConfigError, InputError
 from tracegen.records import LOGPROB_SCHEMA, PROBLEM_SCHEMA, TRACE_SCHEMA, problem_row
 
 log = logging.getLogger(__name__)
@@ -85,12 +88,13 @@ class ShardWriter:
     # --- recovery --------------------------------------------------------------------------------------
     def _finish_part(self, seq: int) -> int:
         """Journal(s) of `seq` -> Parquet part(s). Returns the number of trace rows kept."""
-        traces = _read_stream(self._journal_path(self.traces_dir, seq), TRACE_SCHEMA)
+        traces = _recovered(self._journal_path(self.traces_dir, seq), TRACE_SCHEMA)
         if self.logprobs_dir:
-            logprobs = _read_stream(self._journal_path(self.logprobs_dir, seq), LOGPROB_SCHEMA)
+            logprobs = _recovered(self._journal_path(self.logprobs_dir, seq), LOGPROB_SCHEMA)
             # A logprob row whose trace row did not reach the journal belongs to a lost request.
             keep = pc.is_in(logprobs["trace_id"], value_set=traces["trace_id"])
-            _write_parquet(logprobs.filter(keep), self._part_path(self.logprobs_dir, seq))
+            if traces.num_rows:
+                _write_parquet(logprobs.filter(keep), self._part_path(self.logprobs_dir, seq))
         if traces.num_rows:
             _write_parquet(traces, self._part_path(self.traces_dir, seq))
         for d in (self.traces_dir, self.logprobs_dir):
@@ -119,7 +123,8 @@ def _lock(path: Path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise RuntimeError(f"{path.parent}: another tracegen process is writing this shard ({path.name})") from None
+        raise ConfigError(f"output_dir: another tracegen process is writing this shard of {path.parent.parent} "
+                          f"(it holds {path})") from None
     return f
 
 
@@ -128,18 +133,43 @@ def _open_stream(path: Path, schema: pa.Schema):
     return f, pa.ipc.new_stream(f, schema)
 
 
-def _read_stream(path: Path, schema: pa.Schema) -> pa.Table:
-    """Every complete batch of a journal; a batch torn by a crash ends the read."""
-    batches = []
+def read_journal(path: Path, schema: pa.Schema) -> tuple[pa.Table, str | None]:
+    """(every complete batch of a journal, what ended the read early or None). Reads only: a live journal
+    can be read while its writer appends."""
+    batches, problem = [], None
     if path.exists() and path.stat().st_size:
         with path.open("rb") as f:
             try:
                 reader = pa.ipc.open_stream(f)
+                if not reader.schema.equals(schema):
+                    raise pa.ArrowInvalid(f"its columns are not those of {path.parent.name}: {reader.schema.names}")
                 for batch in reader:
                     batches.append(batch)
             except (pa.ArrowInvalid, OSError, EOFError) as e:
-                log.warning("%s: dropped a torn batch at the end (%s)", path.name, e)
-    return pa.Table.from_batches(batches, schema=schema)
+                problem = " ".join(str(e).split())
+    return pa.Table.from_batches(batches, schema=schema), problem
+
+
+def _recovered(path: Path, schema: pa.Schema) -> pa.Table:
+    """A journal's complete rows; one that cannot be read to its end is set aside (never deleted) with a warning."""
+    table, problem = read_journal(path, schema)
+    if problem:
+        aside = _set_aside(path)
+        lost = ("the requests it held beyond them are generated again" if schema is TRACE_SCHEMA else
+                "traces whose logprobs it held beyond them keep none")
+        log.warning("%s: unreadable after %d complete rows (%s); set aside as %s (%s)", path, table.num_rows,
+                    problem[:200], aside.name, lost)
+    return table
+
+
+def _set_aside(path: Path) -> Path:
+    aside = path.with_name(path.name + ".corrupt")
+    for i in range(1, 1000):
+        if not aside.exists():
+            break
+        aside = path.with_name(f"{path.name}.corrupt{i}")
+    path.rename(aside)
+    return aside
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
@@ -157,14 +187,32 @@ def _next_seq(directory: Path, prefix: str) -> int:
 
 def write_problems(run_dir: Path, problems: list[dict], source: str, shard: tuple[int, int]) -> Path:
     """`problems/<source>.<i>of<N>.parquet`: the problems this shard works on (replaced when the set changes,
-    e.g. a larger `limit`). Readers take the union over files; an id has one content across them."""
+    e.g. a larger `limit`, or when the file is damaged). Readers take the union over files; an id has one
+    content across them."""
     path = run_dir / "problems" / f"{source}.{shard[0]}of{shard[1]}.parquet"
     table = pa.Table.from_pylist([problem_row(p) for p in problems], schema=PROBLEM_SCHEMA)
-    if path.exists() and pq.read_table(path, schema=PROBLEM_SCHEMA).equals(table):
-        return path
+    if path.exists():
+        try:
+            if pq.read_table(path, schema=PROBLEM_SCHEMA).equals(table):
+                return path
+        except (pa.ArrowException, OSError) as e:  # this run has the problems it holds: write it again
+            log.warning("%s: unreadable (%s); written again from the problem source", path, " ".join(str(e).split()))
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_parquet(table, path)
     return path
+
+
+def check_parts(run_dir: Path) -> None:
+    """Every finished trace and logprob part of a local run has an intact Parquet footer: a part cut short
+    (a partial copy, a full disk outside tracegen) is named before anything reads or adds to the run."""
+    for sub, hint in (("traces", "its traces are generated again"),
+                      ("logprobs", "move traces/{name} too: both are generated again")):
+        for part in sorted((run_dir / sub).glob("part-*.parquet")):
+            try:
+                pq.read_metadata(part)
+            except (pa.ArrowException, OSError) as e:
+                raise InputError(f"{part}: not a readable Parquet part ({' '.join(str(e).split())}); move it out of "
+                                 f"{run_dir} and rerun tracegen ({hint.format(name=part.name)})") from None
 
 
 def read_traces(run_dir: Path, columns: list[str] | None = None) -> pa.Table:

@@ -1,12 +1,14 @@
 """Benchmark loaders: the real public sets beside the repository, the toy world's split, custom files."""
 
+import gzip
 import json
 import re
 from pathlib import Path
 
 import pytest
 
-from evals.benchmarks import PUBLIC, InputError, benchmark_source, level_of, load_benchmark, max_tokens_for
+from data.config import InputError
+from evals.benchmarks import PUBLIC, benchmark_source, level_of, load_benchmark, max_tokens_for
 
 BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
 COUNTS = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "humaneval": 164, "humanevalplus": 164,
@@ -98,6 +100,18 @@ def test_bad_local_rows_name_the_line(tmp_path):
     (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "q", "answer": "x\\n#### 3"}\n{"question": "q"}\n')
     with pytest.raises(InputError, match=r"gsm8k/test.jsonl:2: not a gsm8k row \(KeyError: 'answer'\)"):
         load_benchmark("gsm8k", str(tmp_path))
+
+
+def test_local_files_that_are_not_utf8_or_whole_gzip_are_named(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_bytes(b'{"question": "q", "answer": "x\\n#### 3"}\n{"question": "\xff"}\n')
+    with pytest.raises(InputError, match=r"gsm8k/test.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        load_benchmark("gsm8k", str(tmp_path))
+    (tmp_path / "humaneval").mkdir()
+    whole = gzip.compress(b'{"task_id": "HumanEval/0"}\n' * 50)
+    (tmp_path / "humaneval" / "HumanEval.jsonl.gz").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    with pytest.raises(InputError, match=r"HumanEval.jsonl.gz: not a readable gzip file"):
+        load_benchmark("humaneval", str(tmp_path))
 
 
 def test_toy_split_loads_with_difficulty_levels(tmp_path):

@@ -10,9 +10,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from data.toyworld.problems import read_jsonl
-from evals.config import EvalsConfig
-from evals.efficiency import HfTimer, model_shape
+from evals.config import EvalsConfig, measures_efficiency
+from evals.efficiency import HfTimer, Target, model_shape
 from evals.main import main
+from tracegen.config import EngineConfig
 from tracegen.problems import make_renderer
 
 
@@ -47,7 +48,8 @@ def test_the_teacher_is_not_faster_than_its_half_size_student(toyworld):
     """Interleaved prompt by prompt in one process, so that load on the machine hits both alike."""
     render = make_renderer(None, None)
     prompts = [render(p) for p in read_jsonl(toyworld.test)[:6]]
-    timers = {size: HfTimer(EvalsConfig(output_dir="unused", engine="hf", model=str(path), temperature=0.0))
+    timers = {size: HfTimer(Target.of(EvalsConfig(output_dir="unused", temperature=0.0),
+                                      EngineConfig(engine="hf", model=str(path))))
               for size, path in (("student", toyworld.student), ("teacher", toyworld.teacher))}
     gaps = {"student": [], "teacher": []}
     for size in gaps:
@@ -65,8 +67,10 @@ def test_the_teacher_is_not_faster_than_its_half_size_student(toyworld):
 
 
 def test_efficiency_is_off_for_a_remote_base_url_and_config_is_checked(toyworld, tmp_path, caplog):
-    cfg = EvalsConfig(output_dir="x", base_url=["http://127.0.0.1:9/v1"], model="m")
-    assert not cfg.measures_efficiency and EvalsConfig(output_dir="x", engine="hf", model="m").measures_efficiency
+    cfg = EvalsConfig(output_dir="x")
+    assert not measures_efficiency(cfg, EngineConfig(base_url=["http://127.0.0.1:9/v1"], model="m"))
+    assert measures_efficiency(cfg, EngineConfig(engine="hf", model="m"))
+    assert measures_efficiency(cfg, EngineConfig(serve_model="m"))
     assert main(flags(toyworld, tmp_path, "--engine", "hf", "--model", "m", "--efficiency_tokens", "1")) == 2
     assert "efficiency_tokens: must be >= 2" in caplog.text
 

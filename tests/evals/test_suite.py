@@ -38,8 +38,8 @@ def no_hub(monkeypatch):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name)
 def test_every_evals_recipe_parses(recipe):
-    cfg = parse_config(["--config", str(recipe)])
-    assert cfg.output_dir.startswith("runs/") and cfg.benchmarks and cfg.model_name
+    cfg, engine = parse_config(["--config", str(recipe)])
+    assert cfg.output_dir.startswith("runs/") and cfg.benchmarks and cfg.model_name and engine.has_model
 
 
 # ----------------------------------------------------------------------------- grade-only, real data
@@ -173,7 +173,7 @@ def test_failed_generations_are_recorded_counted_wrong_and_exit_1(tmp_path, capl
     with FakeOpenAIServer() as server:
         code = main(["--output_dir", str(out), "--benchmarks", "p", "--custom_benchmarks",
                      json.dumps({"p": str(problems)}), "--base_url", server.base_url, "--model_name", "m",
-                     "--n", "2", "--tracegen_args", "--max_retries 1 --retry_backoff_s 0.01"])
+                     "--n", "2", "--max_retries", "1", "--retry_backoff_s", "0.01"])
     assert code == 1 and "2 samples could not be generated" in caplog.text
     scores = json.loads((out / "scores.json").read_text())["m"]["p"]
     assert (scores["pass@1"], scores["errors"], scores["reasons"]["generation_error"]) == (0.5, 2, 2)
@@ -194,12 +194,12 @@ def test_config_errors_exit_2_naming_the_setting(tmp_path, caplog):
         ([*base, "--top_p", "0"], "top_p"),
         (["--output_dir", str(tmp_path / "out")], "base_url / serve_model / model"),
         ([*base, "--math_prompt_template", "nope.jinja"], "math_prompt_template: no such file: nope.jinja"),
-        ([*base, "--tracegen_args", "--n 3"], "tracegen_args: --n is set by evals"),
+        ([*base, "--tracegen_args", "--n 3"], "tracegen_args: removed; set tracegen's settings as keys"),
         ([*base, "--custom_benchmarks", '{"gsm8k": "x.jsonl"}'], "custom_benchmarks: 'gsm8k'"),
         ([*base, "--benchmarks", "gsm8k", "--data_dir", str(tmp_path)], f"{tmp_path}/gsm8k/test.jsonl: no such file"),
         ([*base, "--benchmarks", "toy", "--custom_benchmarks", '{"toy": "missing.jsonl"}'], "missing.jsonl"),
         ([*base, "--completions", "missing.jsonl"], "completions: no such file: missing.jsonl"),
-        ([*base, "--nope", "1"], "arguments are not used by the HfArgumentParser: ['--nope', '1']"),
+        ([*base, "--nope", "1"], "command line: unknown flags or extra values ['--nope', '1']"),
     ]
     for argv, message in cases:
         caplog.clear()
@@ -218,17 +218,56 @@ def test_bad_completions_exit_2_naming_the_line(tmp_path, caplog):
         ([dict(good, sample_index=0), dict(good, sample_index=0)], ":2: sample 0 of toy 't0' again (first at"),
         ([good, dict(good, completion=None)], ":2: field 'completion' must be a string"),
         ([good, good, dict(good, problem_id="t1")], "toy: problem 't1' has 1 samples, most have 2"),
+        ([good, dict(good, sample_index=True)], ":2: field 'sample_index' must be absent, null or a non-negative "
+                                                "integer, got true"),
+        ([good, dict(good, sample_index=-5)], ":2: field 'sample_index' must be absent, null or a non-negative "
+                                              "integer, got -5"),
     ]
     for rows, message in cases:
         caplog.clear()
         assert main([*base, "--completions", str(write_jsonl(tmp_path / "c.jsonl", rows))]) == 2, rows
         assert message in caplog.text, (rows, caplog.text)
+    (tmp_path / "c.jsonl").write_bytes(json.dumps(good).encode() + b'\n{"benchmark": "toy", "completion": "\xff"}\n')
+    assert main([*base, "--completions", str(tmp_path / "c.jsonl")]) == 2
+    assert "c.jsonl:2: not UTF-8 text (byte 0xff at column 37)" in caplog.text
     (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n{oops\n")
     assert main([*base, "--completions", str(tmp_path / "c.jsonl")]) == 2 and "c.jsonl:2: not valid JSON" in caplog.text
     caplog.clear()
     assert main([*base, "--completions", str(write_jsonl(tmp_path / "c.jsonl", [good])), "--benchmarks", "toy",
                  "gsm8k", "--data_dir", str(tmp_path)]) == 2
     assert "gsm8k/test.jsonl: no such file" in caplog.text
+
+
+@pytest.mark.parametrize("tests, message", [
+    ({"kind": "stdio"}, "kind stdio needs `cases`: a non-empty list of {input, output} strings"),
+    ({"kind": "stdio", "cases": [{"input": "1"}]}, "kind stdio needs `cases`"),
+    ({"kind": "functional", "entry_point": "f"}, "kind functional needs `test`"),
+    ({"kind": "functional", "test": "def check(candidate):\n    assert candidate(1) == 2\n"},
+     "kind functional: `test` defines check(candidate), so `entry_point` (the function it tests) is needed"),
+    ({"kind": "quiz"}, "kind 'quiz' is not one of functional, evalplus, stdio"),
+], ids=["no-cases", "case-without-output", "no-test", "check-without-entry-point", "unknown-kind"])
+def test_code_tests_that_cannot_run_are_named_not_graded_wrong(tmp_path, caplog, tests, message):
+    code = write_jsonl(tmp_path / "lcb.jsonl", [
+        {"id": "ok", "domain": "code", "prompt": "Print 2.", "tests": {"kind": "stdio", "cases": [
+            {"input": "", "output": "2\n"}]}},
+        {"id": "broken", "domain": "code", "prompt": "Write f.", "tests": tests}])
+    rows = [{"benchmark": "lcb", "problem_id": pid, "completion": "```python\nprint(2)\n```"} for pid in ("ok", "broken")]
+    assert main(["--output_dir", str(tmp_path / "out"), "--custom_benchmarks", json.dumps({"lcb": str(code)}),
+                 "--completions", str(write_jsonl(tmp_path / "c.jsonl", rows))]) == 2
+    assert f"{code}:2: tests: {message}" in caplog.text and not (tmp_path / "out" / "scores.json").exists()
+
+
+def test_one_benchmark_name_as_a_string_is_a_list_of_one(tmp_path, caplog):
+    cb = write_jsonl(tmp_path / "cb.jsonl", [{"id": "a", "domain": "math", "prompt": "1+1?", "answer": "2"}])
+    rows = [{"benchmark": "cb", "problem_id": "a", "completion": "\\boxed{2}"}]
+    config = tmp_path / "evals.yaml"
+    config.write_text(f"benchmarks: cb\noutput_dir: {tmp_path / 'out'}\ncustom_benchmarks: {{cb: {cb}}}\n"
+                      f"completions: {write_jsonl(tmp_path / 'c.jsonl', rows)}\n")
+    assert main(["--config", str(config)]) == 0  # cb, not the letters c and b
+    assert list(json.loads((tmp_path / "out" / "scores.json").read_text())["c"]) == ["cb"]
+    config.write_text(config.read_text().replace("benchmarks: cb", "benchmarks: bc"))
+    assert main(["--config", str(config)]) == 2
+    assert "benchmarks: unknown benchmark 'bc'" in caplog.text
 
 
 def test_grade_only_toy_with_limit_and_levels(tmp_path):

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from tracegen.records import LOGPROB_SCHEMA, TRACE_SCHEMA
+from tracegen.records import LOGPROB_SCHEMA, TRACE_SCHEMA, source_key
+from tracegen.store import write_problems
 
 CODE_TESTS = {"kind": "functional", "test": "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"}
 PROBLEMS = [
@@ -79,13 +80,12 @@ def write_part(run: Path, name: str, traces: list[dict], logprobs: list[dict] = 
 
 
 def make_run(root: Path, traces: dict = TRACES, problems: list[dict] = PROBLEMS) -> Path:
-    """A run directory as tracegen leaves it: traces/, logprobs/, tracegen.config.yaml naming the problems."""
+    """A run directory as tracegen leaves it: problems/, traces/, logprobs/ (and the problems as a JSONL source
+    beside it, root/problems.jsonl)."""
     run = root / "run"
     run.mkdir(parents=True)
-    problem_file = root / "problems.jsonl"
-    problem_file.write_text("".join(json.dumps(p) + "\n" for p in problems))
-    (run / "tracegen.config.yaml").write_text(yaml.safe_dump({"problems": str(problem_file), "column_map": None,
-                                                              "problem_defaults": None, "problems_split": "train"}))
+    (root / "problems.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    write_problems(run, problems, source_key({"problems": str(root / "problems.jsonl")}), (0, 1))
     write_part(run, "part-0of1-000000", [trace_row(tid, *row) for tid, row in traces.items()],
                [logprob_row("good1", -0.1), logprob_row("unsure", -3.0)])
     return run

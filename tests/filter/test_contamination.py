@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from data.config import InputError
 from filter.contamination import contamination_python, label_contamination, load_benchmarks
 
 BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
@@ -84,7 +85,7 @@ def test_toy_benchmark_offline_incremental_and_cached(toyworld, tmp_path):
 
 def test_custom_path_missing_is_named(tmp_path):
     con = db_with({"a": "x"})
-    with pytest.raises(ValueError, match="nope.jsonl"):
+    with pytest.raises(InputError, match="nope.jsonl"):
         label_contamination(con, benchmarks=[f"toy={tmp_path / 'nope.jsonl'}"], data_dir=None)
 
 

@@ -20,7 +20,6 @@ def toy_run(toyworld, tmp_path_factory):
     problems = [json.loads(line) for line in toyworld.train.read_text().splitlines()][:60]
     run = tmp_path_factory.mktemp("toy") / "run"
     run.mkdir()
-    (run / "tracegen.config.yaml").write_text(yaml.safe_dump({"problems": str(toyworld.train), "n": 2}))
     rng, rows, expected = random.Random(0), [], {}
     for p in problems:
         gold = gold_conversation(p)[-1]
@@ -34,7 +33,8 @@ def toy_run(toyworld, tmp_path_factory):
             expected[row["trace_id"]] = fate
     write_part(run, "part-0of1-000000", rows)
     config = run.parent / "filter.yaml"
-    config.write_text(yaml.safe_dump({"run_dir": str(run), "contamination_benchmarks": [], "workers": 2}))
+    config.write_text(yaml.safe_dump({"run_dir": str(run), "problems": str(toyworld.train),  # the source, not problems/
+                                      "contamination_benchmarks": [], "workers": 2}))
     assert main(["--config", str(config)]) == 0
     return run, problems, expected
 

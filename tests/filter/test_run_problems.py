@@ -1,5 +1,7 @@
-"""filter reads the problems tracegen kept in <run>/problems/ (so a run directory is self-contained), and refuses
-two sources that give one id different problems."""
+"""filter reads the problems tracegen kept in <run>/problems/ (so a run directory is self-contained) or, when set,
+the `problems` source; it refuses two sources that give one id different problems, and a run without either."""
+
+import shutil
 
 import duckdb
 
@@ -14,15 +16,21 @@ def verdicts(run):
         return dict(con.sql("SELECT trace_id, verdict FROM verified").fetchall())
 
 
-def test_problems_come_from_the_run_directory(tmp_path):
-    run = make_run(tmp_path / "config")
+def test_problems_come_from_the_run_directory_or_the_source(tmp_path, caplog):
+    run = make_run(tmp_path / "one")
     expected = (main(filter_argv(run)), verdicts(run))
-    assert expected[0] in (0, 1)
-    kept = make_run(tmp_path / "kept")
-    (kept / "tracegen.config.yaml").unlink()  # nothing else says where the problems are
-    write_problems(kept, PROBLEMS[:2], source_key({"problems": "a"}), (0, 1))
-    write_problems(kept, PROBLEMS[2:], source_key({"problems": "b"}), (0, 1))
-    assert (main(filter_argv(kept)), verdicts(kept)) == expected
+    assert expected[0] == 0
+    split = make_run(tmp_path / "two")  # two sources in one run, as tracegen keeps them
+    shutil.rmtree(split / "problems")
+    write_problems(split, PROBLEMS[:2], source_key({"problems": "a"}), (0, 1))
+    write_problems(split, PROBLEMS[2:], source_key({"problems": "b"}), (0, 1))
+    assert (main(filter_argv(split)), verdicts(split)) == expected
+    source = make_run(tmp_path / "source")
+    shutil.rmtree(source / "problems")
+    assert main(filter_argv(source)) == 2
+    assert "problems: not set, and" in caplog.text and "problems/ has no problem files" in caplog.text
+    assert main(filter_argv(source, problems=str(tmp_path / "source" / "problems.jsonl"))) == 0
+    assert verdicts(source) == expected[1]
 
 
 def test_one_id_with_two_contents_is_refused(tmp_path, caplog):

@@ -219,9 +219,10 @@ def test_unreachable_server_and_bad_input_write_nothing(tmp_path, caplog):
 def test_config_errors_name_the_setting(tmp_path, caplog):
     (tmp_path / "p.jsonl").write_text('{"id": "a", "domain": "math", "prompt": "x"}\n')
     (tmp_path / "c.yaml").write_text(f"problems: {tmp_path / 'p.jsonl'}\noutput_dir: {tmp_path / 'o'}\n"
-                                     "base_url: http://127.0.0.1:9/v1\nnn: 3\n")
-    assert main(["--config", str(tmp_path / "c.yaml")]) == 2
-    assert "Unknown arguments from config file" in caplog.text and "nn" in caplog.text
+                                     "base_url: http://127.0.0.1:9/v1\n")
+    (tmp_path / "typo.yaml").write_text((tmp_path / "c.yaml").read_text() + "nn: 3\n")
+    assert main(["--config", str(tmp_path / "typo.yaml"), "--top_logprobs", "50"]) == 2
+    assert "typo.yaml: unknown keys ['nn']" in caplog.text  # named first, not hidden behind top_logprobs
     for flags, message in [(["--top_logprobs", "50"], "top_logprobs: 50"), (["--shard", "2/2"], "shard: '2/2'"),
                            (["--api_key_env", "NOPE_NOT_SET"], "NOPE_NOT_SET is not set"),
                            (["--serve_model", "x"], "set exactly one")]:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.fake_openai import FakeOpenAIServer
 from tracegen.records import TRACE_SCHEMA
-from tracegen.store import _read_stream, read_traces
+from tracegen.store import read_journal, read_traces
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEMS, N = 60, 2
@@ -22,7 +22,7 @@ PROBLEMS, N = 60, 2
 
 def durable_rows(out: Path) -> dict[str, dict]:
     """What a crash at this instant must not lose: finished parts plus every complete journal batch."""
-    tables = [read_traces(out)] + [_read_stream(j, TRACE_SCHEMA) for j in (out / "traces").glob(".*.journal.arrow")]
+    tables = [read_traces(out)] + [read_journal(j, TRACE_SCHEMA)[0] for j in (out / "traces").glob(".*.journal.arrow")]
     return {r["trace_id"]: r for r in pa.concat_tables(tables).to_pylist()}
 
 

@@ -1,17 +1,16 @@
 import json
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tracegen.problems import ProblemError, load_problems, make_renderer, shard_of
+from data.config import ConfigError, InputError
+from tracegen.problems import load_problems, make_renderer, shard_of
 
 
 def cfg(path, **kw):
-    base = dict(problems=str(path), problems_split="train", problems_config=None, problems_revision=None,
-                column_map=None, problem_defaults=None)
-    return SimpleNamespace(**{**base, **kw})
+    """load_problems' arguments (plain values, as TracegenConfig.problem_source() gives them)."""
+    return {"problems": str(path), **kw}
 
 
 def write_jsonl(path, rows):
@@ -24,7 +23,7 @@ GOOD = {"id": "a", "domain": "math", "prompt": "1+1?", "answer": 2, "source": "t
 
 def test_jsonl_loads_and_normalises(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {**GOOD, "id": 7, "answer": None, "meta": '{"x": 1}'}])
-    problems = load_problems(cfg(path))
+    problems = load_problems(**cfg(path))
     assert [p["id"] for p in problems] == ["a", "7"]
     assert problems[0]["answer"] == "2" and problems[1]["answer"] is None
     assert problems[1]["meta"] == {"x": 1} and problems[0]["tests"] is None
@@ -40,21 +39,21 @@ def test_jsonl_loads_and_normalises(tmp_path):
 ])
 def test_bad_input_names_file_and_line(tmp_path, bad_line, message):
     path = write_jsonl(tmp_path / "p.jsonl", [GOOD, bad_line, {**GOOD, "id": "c"}])
-    with pytest.raises(ProblemError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        load_problems(cfg(path))
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_problems(**cfg(path))
 
 
 def test_missing_file_and_empty_file(tmp_path):
-    with pytest.raises(ProblemError, match="no such file"):
-        load_problems(cfg(tmp_path / "nope.jsonl"))
+    with pytest.raises(InputError, match="no such file"):
+        load_problems(**cfg(tmp_path / "nope.jsonl"))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ProblemError, match="no rows"):
-        load_problems(cfg(tmp_path / "empty.jsonl"))
+    with pytest.raises(InputError, match="no rows"):
+        load_problems(**cfg(tmp_path / "empty.jsonl"))
 
 
 def test_parquet_with_column_map_row_ids_and_defaults(tmp_path):
     pq.write_table(pa.table({"question": ["q0", "q1"], "final": ["3", "4"]}), tmp_path / "gsm.parquet")
-    problems = load_problems(cfg(tmp_path / "gsm.parquet", column_map={"id": "@row", "prompt": "question",
+    problems = load_problems(**cfg(tmp_path / "gsm.parquet", column_map={"id": "@row", "prompt": "question",
                                                                         "answer": "final"},
                                  problem_defaults={"domain": "math", "source": "gsm8k"}))
     assert problems == [
@@ -68,29 +67,29 @@ def test_answer_format_takes_the_final_answer_out_of_a_solution(tmp_path):
     math = "Thus $x=\\frac{1}{2}$, and $y = \\boxed{\\frac{\\sqrt{2}}{2}}$."
     for name, solution, gold in (("gsm8k", gsm, "1004"), ("boxed", math, "\\frac{\\sqrt{2}}{2}")):
         pq.write_table(pa.table({"question": ["q"], "sol": [solution]}), tmp_path / f"{name}.parquet")
-        (problem,) = load_problems(cfg(tmp_path / f"{name}.parquet", answer_format=name, problem_defaults={
+        (problem,) = load_problems(**cfg(tmp_path / f"{name}.parquet", answer_format=name, problem_defaults={
             "domain": "math"}, column_map={"id": "@row", "prompt": "question", "answer": "sol"}))
         assert (problem["answer"], problem["meta"]) == (gold, {"solution": solution})
-    (problem,) = load_problems(cfg(tmp_path / "boxed.parquet", answer_format="boxed", id_prefix="math/",
+    (problem,) = load_problems(**cfg(tmp_path / "boxed.parquet", answer_format="boxed", id_prefix="math/",
                                    problem_defaults={"domain": "math"}, column_map={"id": "@row", "prompt": "question",
                                                                                     "answer": "sol"}))
     assert problem["id"] == "math/0"
-    with pytest.raises(ProblemError, match=r"gsm8k.parquet: row 0: answer_format boxed: the answer has no "):
-        load_problems(cfg(tmp_path / "gsm8k.parquet", answer_format="boxed", problem_defaults={"domain": "math"},
+    with pytest.raises(InputError, match=r"gsm8k.parquet: row 0: answer_format boxed: the answer has no "):
+        load_problems(**cfg(tmp_path / "gsm8k.parquet", answer_format="boxed", problem_defaults={"domain": "math"},
                           column_map={"id": "@row", "prompt": "question", "answer": "sol"}))
 
 
 def test_parquet_error_names_row(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "domain": ["math", "math"], "prompt": ["x", None]}),
                    tmp_path / "p.parquet")
-    with pytest.raises(ProblemError, match=r"p.parquet: row 1: missing field 'prompt'"):
-        load_problems(cfg(tmp_path / "p.parquet"))
+    with pytest.raises(InputError, match=r"p.parquet: row 1: missing field 'prompt'"):
+        load_problems(**cfg(tmp_path / "p.parquet"))
 
 
 def test_unknown_column_map_field(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [GOOD])
-    with pytest.raises(ProblemError, match="column_map: unknown Problem fields"):
-        load_problems(cfg(path, column_map={"question": "prompt"}))
+    with pytest.raises(ConfigError, match="column_map: unknown Problem fields"):
+        load_problems(**cfg(path, column_map={"question": "prompt"}))
 
 
 def test_hugging_face_dataset_from_local_folders(tmp_path):
@@ -103,12 +102,12 @@ def test_hugging_face_dataset_from_local_folders(tmp_path):
     hub_like.mkdir(parents=True)
     pq.write_table(pa.table(rows), hub_like / "test-00000-of-00001.parquet")
     for source in (tmp_path / "saved", tmp_path / "hub_like"):
-        problems = load_problems(cfg(source, problems_split="test", column_map={"id": "@row", "prompt": "question"},
+        problems = load_problems(**cfg(source, problems_split="test", column_map={"id": "@row", "prompt": "question"},
                                      problem_defaults={"domain": "math"}))
         assert [(p["id"], p["prompt"], p["answer"]) for p in problems] == [("0", "q0", "1"), ("1", "q1", "2"),
                                                                            ("2", "q2", "3")]
-    with pytest.raises(ProblemError, match="cannot load dataset"):
-        load_problems(cfg(tmp_path / "saved", problems_split="nope"))
+    with pytest.raises(InputError, match="cannot load dataset"):
+        load_problems(**cfg(tmp_path / "saved", problems_split="nope"))
 
 
 def test_shards_partition_the_problems_deterministically():
@@ -128,8 +127,8 @@ def test_renderer(tmp_path):
                             {"role": "user", "content": "1+1?\nDifficulty 1. Box it."}]
     assert make_renderer(None, None)(GOOD) == [{"role": "user", "content": "1+1?"}]
     (tmp_path / "bad.jinja").write_text("{{ prompt }\n")
-    with pytest.raises(ProblemError, match="bad.jinja:1"):
+    with pytest.raises(InputError, match="bad.jinja:1"):
         make_renderer(str(tmp_path / "bad.jinja"), None)
     (tmp_path / "undefined.jinja").write_text("{{ nope }}")
-    with pytest.raises(ProblemError, match="'nope' is undefined"):
+    with pytest.raises(ConfigError, match="'nope' is undefined"):
         make_renderer(str(tmp_path / "undefined.jinja"), None)(GOOD)

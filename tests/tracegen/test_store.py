@@ -1,6 +1,7 @@
 import pyarrow.parquet as pq
 import pytest
 
+from data.config import ConfigError
 from tracegen.store import ShardWriter, done_trace_ids, read_traces
 
 
@@ -72,7 +73,7 @@ def test_stale_journal_of_a_finished_part_is_discarded(tmp_path):
 
 def test_done_ids_exclude_errors_and_one_writer_per_shard(tmp_path):
     writer = ShardWriter(tmp_path, (1, 2), rows_per_part=100, logprobs=False)
-    with pytest.raises(RuntimeError, match="another tracegen process is writing this shard"):
+    with pytest.raises(ConfigError, match="another tracegen process is writing this shard"):
         ShardWriter(tmp_path, (1, 2), rows_per_part=100, logprobs=False)
     other = ShardWriter(tmp_path, (0, 2), rows_per_part=100, logprobs=False)  # other shards are independent
     writer.append([trace("ok"), trace("bad", error="HTTP 500")], [])

@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from tracegen.main import main
 from tracegen.records import TRACE_SCHEMA
-from tracegen.store import _read_stream, read_traces
+from tracegen.store import read_journal, read_traces
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_ARGS = "--max-model-len 512 --gpu-memory-utilization 0.2 --reasoning-parser deepseek_r1 --enforce-eager"
@@ -44,7 +44,7 @@ def vllm_processes(model_dir: Path) -> list[int]:
 
 
 def durable(out: Path) -> int:
-    journals = [_read_stream(j, TRACE_SCHEMA) for j in (out / "traces").glob(".*.journal.arrow")]
+    journals = [read_journal(j, TRACE_SCHEMA)[0] for j in (out / "traces").glob(".*.journal.arrow")]
     return pa.concat_tables([read_traces(out), *journals]).num_rows if (out / "traces").exists() else 0
 
 
