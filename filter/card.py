@@ -50,7 +50,7 @@ def stats(con) -> dict:
                                      "WHERE completion_tokens IS NOT NULL").fetchall()]
     return {"rows": row[0], "problems": row[1], "completion_tokens": row[2], "median_completion_tokens": row[3],
             "teacher_models": row[4], "by_domain": by("domain"), "by_difficulty": by("difficulty"),
-            "by_verdict": by("verdict"), "lengths": lengths}
+            "by_verdict": by("verdict"), "by_teacher": by("model"), "lengths": lengths}
 
 
 def write_card(folder: Path, cfg: FilterConfig, funnel: dict, st: dict) -> None:
@@ -63,6 +63,7 @@ def write_card(folder: Path, cfg: FilterConfig, funnel: dict, st: dict) -> None:
         f"- rows: {st['rows']:,} traces of {st['problems']:,} problems (teacher: {st['teacher_models'] or '-'})",
         f"- completion tokens: {st['completion_tokens']:,} in all, median {st['median_completion_tokens']}",
         f"- domains: {_counts(st['by_domain'])}; verdicts: {_counts(st['by_verdict'])}",
+        f"- traces per teacher: {_counts(st['by_teacher'])}",
         f"- difficulty: {_counts(st['by_difficulty'])}",
         f"- reasoning format: `{cfg.reasoning_format}`; database: `{cfg.db}` (query it: "
         f"`python -m filter query {cfg.run_dir} \"SELECT ...\"`)", "",

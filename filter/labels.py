@@ -21,6 +21,8 @@ the problem's other samples, so it is recomputed for every problem that got a ne
                    of the code with whitespace collapsed); agreement = share of the problem's graded samples with
                    this answer_key (itself included; 0 without an answer); n_samples; pass_rate = the problem's
                    share of correct samples (null when unverifiable)
+    signals        also model_pass_rate: the pass rate of the trace's own teacher (`model`) on its problem, so traces
+                   of several teachers in one run directory can be compared and chosen per teacher
     dup_problems   filter/dedup.py (per problem)
     contamination  filter/contamination.py (per problem)
 """
@@ -179,6 +181,8 @@ def create_signals_view(con) -> None:
                f.has_reasoning, f.think_closed, f.has_answer, f.reasoning_tokens, f.answer_tokens,
                q.repetition, q.language_mixing, q.mean_logprob, q.min_logprob, q.mean_entropy, q.logprob_tokens,
                a.answer_key, a.agreement, a.n_samples, a.pass_rate,
+               avg(CASE WHEN v.verdict <> 'unverifiable' THEN (v.verdict = 'correct')::INTEGER END)
+                   OVER (PARTITION BY t.problem_id, t.model) AS model_pass_rate,
                d.representative IS NOT NULL AND NOT d.representative AS duplicate,
                coalesce(d.exact_of, d.near_of) AS duplicate_of, d.jaccard AS duplicate_jaccard,
                coalesce(c.contaminated, false) AS contaminated, c.benchmark AS contaminated_benchmark,

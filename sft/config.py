@@ -57,13 +57,45 @@ class DistillArguments:
     kd_chunk_size: int = _help("Positions per chunk of the KD loss (full-vocabulary logits stay this small).",
                                default=1024)
     teacher_model: str | None = _help(
-        "online: the teacher model; sparse: the teacher tokenizer the student's must equal (default: the dataset's "
-        "teacher_model column).", default=None)
+        "online, feature_weight, attention_weight: the in-process teacher model; sparse: the teacher tokenizer the "
+        "student's must equal (default: every teacher_model of the dataset).", default=None)
     kd_divergence: str = _help("online: forward, reverse or jsd (sparse: forward KL only).", default="forward")
     kd_jsd_beta: float = _help("online jsd: the mixture weight beta, in (0, 1).", default=0.5)
     qat: str = _help("Quantization-aware training (sft/qat.py): none, int8, int4 or w8a8. The student trains "
                      "through torchao's fake quantization; <output_dir>/quantized/ gets the converted model.",
                      default="none")
+    # --- beyond the output layer: schedules, several teachers, hidden states and attention (sft/features.py) -----
+    kd_temperature_end: float | None = _help(
+        "The KD temperature at the last optimizer step (kd_temperature is the first); default: kd_temperature.",
+        default=None)
+    kd_temperature_schedule: str = _help(
+        "constant, linear or cosine from kd_temperature to kd_temperature_end over the optimizer steps, for every "
+        "KD mode (sft/schedule.py); the step's T is logged as kd_temperature.", default="constant")
+    teacher_models: list[str] | None = _help(
+        "online: several local teachers (same tokenizer as the student, refused otherwise), instead of "
+        "teacher_model; the KD part is the teacher_weights-weighted sum of the divergences to each. Feature and "
+        "attention alignment use the first.", default=None)
+    teacher_weights: list[float] | None = _help(
+        "Weights of teacher_models (normalized to sum 1). Default: equal.", default=None)
+    feature_weight: float = _help(
+        "Weight of feature alignment (FitNets): the student's hidden states at mapped layers against an "
+        "in-process teacher's (teacher_model), through a learned linear projection when the widths differ. The "
+        "projection is training state (saved in checkpoint-*/ for resuming), never part of the exported student.",
+        default=0.0)
+    feature_loss: str = _help("Feature alignment per position and mapped layer: mse (mean over the hidden size) "
+                              "or cosine (1 - cosine similarity).", default="mse")
+    feature_layers: dict | str | None = _help(
+        "Student layer -> teacher layer (1-based decoder-layer outputs), e.g. {1: 2, 2: 4} or '1:2,2:4'. Default: "
+        "uniform, student layer i -> teacher layer round(i * teacher_layers / student_layers).", default=None)
+    attention_weight: float = _help(
+        "Weight of attention transfer: KL(teacher || student) between the attention distributions of the last "
+        "attention_layers layers (head by head when the head counts match, else of the head-averaged maps), "
+        "computed from the models' own queries and keys in chunks of attention_chunk_size query positions.",
+        default=0.0)
+    attention_layers: int = _help("Attention transfer: how many last layers of each model to align.", default=1)
+    attention_chunk_size: int = _help(
+        "Attention transfer: query positions per chunk (a chunk holds batch x heads x chunk x length scores per "
+        "model; it is recomputed in the backward pass, so no more than one chunk is held).", default=256)
 
     def __post_init__(self):
         self.chat_template_kwargs = json_dict("chat_template_kwargs", self.chat_template_kwargs)
@@ -89,8 +121,66 @@ class DistillArguments:
             raise ConfigError(f"kd_chunk_size: must be >= 1, got {self.kd_chunk_size}")
         if self.qat not in QAT_SCHEMES:
             raise ConfigError(f"qat: {self.qat!r} is not one of: {', '.join(QAT_SCHEMES)}")
-        if self.kd == "online" and not self.teacher_model:
+        if self.kd == "online" and not self.teacher_model and not self.teacher_models:
             raise ConfigError("teacher_model: required with kd: online (the local teacher model)")
+        self.feature_layers = check_beyond_logits(self)
+
+
+def check_beyond_logits(args: DistillArguments) -> dict[int, int] | None:
+    """The schedule, teachers, feature and attention settings; returns feature_layers as {student: teacher}."""
+    from sft.schedule import SCHEDULES
+
+    if args.kd_temperature_schedule not in SCHEDULES:
+        raise ConfigError(f"kd_temperature_schedule: {args.kd_temperature_schedule!r} is not one of: "
+                          f"{', '.join(SCHEDULES)}")
+    if args.kd_temperature_end is not None and args.kd_temperature_end <= 0:
+        raise ConfigError(f"kd_temperature_end: must be > 0, got {args.kd_temperature_end}")
+    if args.kd_temperature_schedule != "constant" and args.kd_temperature_end is None:
+        raise ConfigError(f"kd_temperature_end: required with kd_temperature_schedule: "
+                          f"{args.kd_temperature_schedule} (the temperature at the last step)")
+    if args.teacher_models:
+        if args.teacher_model:
+            raise ConfigError("teacher_models: set teacher_model (one teacher) or teacher_models (several), not both")
+        if args.kd != "online":
+            raise ConfigError(f"teacher_models: several in-process teachers are for kd: online, not kd: {args.kd} "
+                              "(kd: sparse reads each row's own teacher from the curated set)")
+    if args.teacher_weights is not None:
+        count = len(args.teacher_models or [])
+        if len(args.teacher_weights) != count or min(args.teacher_weights) < 0 or sum(args.teacher_weights) <= 0:
+            raise ConfigError(f"teacher_weights: {args.teacher_weights} must be {count} non-negative weights, one per "
+                              "entry of teacher_models, not all zero")
+    for name in ("feature_weight", "attention_weight"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"{name}: must be >= 0, got {getattr(args, name)}")
+    if (args.feature_weight or args.attention_weight) and not (args.teacher_model or args.teacher_models):
+        raise ConfigError("teacher_model: required with feature_weight or attention_weight (an in-process teacher "
+                          "gives its hidden states and attention)")
+    if args.feature_loss not in ("mse", "cosine"):
+        raise ConfigError(f"feature_loss: {args.feature_loss!r} is not one of: mse, cosine")
+    for name in ("attention_layers", "attention_chunk_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{name}: must be >= 1, got {getattr(args, name)}")
+    return _layer_map(args.feature_layers)
+
+
+def _layer_map(value) -> dict[int, int] | None:
+    """feature_layers as {student layer: teacher layer}, from a mapping, JSON, or 's:t,s:t'."""
+    if value is None or isinstance(value, dict) and not value:
+        return None
+    raw = value
+    if isinstance(value, str) and not value.strip().startswith("{"):
+        pairs = [item.split(":") for item in value.replace(" ", "").split(",") if item]
+        value = dict(pairs) if all(len(p) == 2 for p in pairs) else None
+    else:
+        value = json_dict("feature_layers", value)
+    try:
+        mapping = {int(s): int(t) for s, t in value.items()}
+    except (AttributeError, TypeError, ValueError):
+        mapping = None
+    if not mapping or min(*mapping, *mapping.values()) < 1:
+        raise ConfigError(f"feature_layers: expected student layer -> teacher layer pairs of 1-based layer numbers, "
+                          f"e.g. {{1: 2, 2: 4}} or '1:2,2:4'; got {raw!r}")
+    return mapping
 
 
 def check_with_training_args(args: DistillArguments, training_args) -> None:

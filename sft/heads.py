@@ -9,7 +9,7 @@ does something else is caught by `check_output_head` on the first batch, before 
 
 import torch
 
-from sft.config import ConfigError
+from data.config import ConfigError
 from sft.losses import OutputHead, head_logits
 
 

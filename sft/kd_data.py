@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 from datasets import Dataset
 
-from sft.config import ConfigError
+from data.config import ConfigError
 
 log = logging.getLogger(__name__)
 KD_COLUMNS = ("teacher_top_ids", "teacher_top_logprobs", "teacher_rest_logprobs")

@@ -6,9 +6,11 @@ Fine-tunes a student on a curated set with TRL's SFTTrainer: full fine-tuning, o
 the reasoning inside <think>, or with `assistant_only_loss: false` set every token of the conversation, prompt
 included (TRL's own default for conversations; it teaches a model trained from scratch to read the prompt).
 With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs, with `kd: online` to a local teacher's
-full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart). With `qat: int8|int4|w8a8` the student
-trains through torchao's fake quantization and <output_dir>/quantized/ gets the converted model (sft/qat.py).
-Writes <output_dir>/ (model or adapter,
+full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart); `feature_weight` / `attention_weight` add
+hidden-state and attention alignment with an in-process teacher (sft/features.py), and `kd_temperature_schedule`
+moves the KD temperature over training (sft/schedule.py). With `qat: int8|int4|w8a8` the student trains through
+torchao's fake quantization and <output_dir>/quantized/ gets the converted model (sft/qat.py). `python -m
+sft.prune` makes a student by pruning a teacher (sft/prune.py). Writes <output_dir>/ (model or adapter,
 tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
 checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from sft.config import ConfigError, check_with_training_args, parse_config
+from data.config import ConfigError
+from sft.config import check_with_training_args, parse_config
 from sft.data import fit_lengths, load_curated, tokenize, training_template
 
 log = logging.getLogger("sft")
@@ -121,7 +124,8 @@ def prepare(dataset, tokenizer, template: str, args, whole: bool = False):
         from sft.kd_data import prepare_kd_dataset
         from sft.teacher import check_same_tokenizer
 
-        check_same_tokenizer(tokenizer, args.teacher_model or dataset[0].get("teacher_model"))
+        for teacher in [args.teacher_model] if args.teacher_model else _teachers_of(dataset):
+            check_same_tokenizer(tokenizer, teacher)
         curated_dir = Path(args.dataset) if Path(args.dataset).is_dir() else Path(args.dataset).parent
         dataset = prepare_kd_dataset(dataset, tokenizer, curated_dir, template, args.kd_top_k,
                                      args.chat_template_kwargs)
@@ -132,6 +136,13 @@ def prepare(dataset, tokenizer, template: str, args, whole: bool = False):
                              remove_columns=["assistant_masks"])
     return tokenized.map(lambda ids, mask: {"labels": [t if m else -100 for t, m in zip(ids, mask, strict=True)]},
                          input_columns=["input_ids", "assistant_masks"], remove_columns=["assistant_masks"])
+
+
+def _teachers_of(dataset) -> list[str | None]:
+    """The distinct teacher_model values of a curated set (traces of several teachers are curated together)."""
+    if "teacher_model" not in dataset.column_names:
+        return [None]
+    return sorted(set(dataset["teacher_model"]), key=str)
 
 
 def build_trainer(args, training_args, model_args, tokenizer, dataset):
@@ -155,13 +166,16 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
         prepare_qat(model, args.qat)
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                   peft_config=peft_config)
-    if args.kd == "none":
+    in_process = args.kd == "online" or args.feature_weight > 0 or args.attention_weight > 0
+    if args.kd == "none" and not in_process:
         return SFTTrainer(**common)
     from sft.teacher import load_teacher
     from sft.trainer import DistillTrainer
 
-    teacher = load_teacher(args.teacher_model, tokenizer, dtype) if args.kd == "online" else None
-    return DistillTrainer(**common, distill=args, teacher_model=teacher)
+    setting = "teacher_models" if args.teacher_models else "teacher_model"
+    teachers = [load_teacher(name, tokenizer, dtype, setting) for name in args.teacher_models or [args.teacher_model]] \
+        if in_process else None
+    return DistillTrainer(**common, distill=args, teacher_model=teachers)
 
 
 def last_checkpoint(output_dir: str) -> str | None:
@@ -187,10 +201,13 @@ def write_metrics(out: Path, trainer, result, examples: int, dropped: int, max_l
     history = trainer.state.log_history
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     losses = [h["loss"] for h in history if "loss" in h]
+    last = next((h for h in reversed(history) if "loss" in h), {})
+    parts = {name: last[name] for name in ("ce", "kd", "feature", "attention", "kd_temperature") if name in last}
     metrics = {
         "examples": examples, "dropped_long": dropped, "max_length": max_length,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,
         "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+        "last_logged_parts": parts,  # the loss's named parts (token means) and KD temperature at the last log
         "tokens": tokens, "wall_s": round(wall_s, 1),
         "tokens_per_s": round(tokens / wall_s, 1) if tokens and wall_s else 0.0,
         "resumed_from": resumed_from, "log_history": history,

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from data.config import ConfigError
+from data.config import ConfigError, parse_config
 
 log = logging.getLogger("sft.quantize")
 SCHEMES = ("int8", "int4", "w8a8", "fp8")
@@ -107,15 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parse_args(argv: list[str] | None) -> QuantizeArguments:
-    from trl import TrlParser
-
-    parser = TrlParser([QuantizeArguments], allow_abbrev=False, prog="python -m sft.quantize")
-    try:
-        (args,) = parser.parse_args_and_config(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError:
-        raise
-    except ValueError as e:
-        raise ConfigError(f"command line: {e}") from None
+    (args,) = parse_config([QuantizeArguments], argv, "python -m sft.quantize")
     return args
 
 

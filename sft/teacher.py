@@ -1,22 +1,23 @@
-"""The teacher side of KD: loading an in-process teacher (kd: online) and checking that the student's tokenizer
+"""The teacher side of KD: loading an in-process teacher (kd: online, feature / attention alignment) and checking that the student's tokenizer
 is the teacher's (both KD modes compare distributions token id by token id)."""
 
 import logging
 
-from sft.config import ConfigError
+from data.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def load_teacher(name: str, student_tokenizer, dtype):
-    """The teacher model for kd: online, from a model directory or hub name, in `dtype` (the student's)."""
+def load_teacher(name: str, student_tokenizer, dtype, setting: str = "teacher_model"):
+    """An in-process teacher (kd: online, feature and attention alignment), from a model directory or hub name, in
+    `dtype` (the student's); `setting` is the config field that named it."""
     from transformers import AutoModelForCausalLM
 
-    check_same_tokenizer(student_tokenizer, name)
+    check_same_tokenizer(student_tokenizer, name, setting)
     try:
         teacher = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as e:
-        raise ConfigError(f"teacher_model: cannot load {name!r}: {e}") from None
+        raise ConfigError(f"{setting}: cannot load {name!r}: {e}") from None
     log.info("online KD teacher: %s (%s parameters)", name, f"{teacher.num_parameters():,}")
     return teacher
 

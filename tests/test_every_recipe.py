@@ -28,6 +28,10 @@ def parse(recipe: Path, tmp_path: Path):
         from evals.config import parse_config
 
         return parse_config(["--config", str(recipe)])
+    if stage == "prune":
+        from sft.prune import parse_config
+
+        return parse_config(["--config", str(recipe)])
     raise AssertionError(f"{recipe}: the file name must start with the stage it configures")
 
 
