@@ -169,6 +169,73 @@ def test_gold_sft_set_is_the_train_split_in_the_curated_format(world, tokenizer)
             "\nThe answer", "\n</think>\n\nThe answer"))
 
 
+# ---------------------------------------------------------------- the pretraining corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(world):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(world.corpus).to_pylist()
+
+
+def corpus_text(row: dict) -> str:
+    return "\n".join(m["content"] for m in row["messages"])
+
+
+def test_corpus_holds_no_held_out_problem_or_its_working(world, corpus):
+    from data.toyworld.corpus import steps_of
+    from data.toyworld.problems import working
+
+    text = "\n\n".join(corpus_text(row) for row in corpus)
+    for problem in read_jsonl(world.test):
+        assert problem["prompt"] not in text, problem["id"]
+        assert problem["meta"]["solution"].rpartition("\n")[0] not in text, problem["id"]
+        for step in steps_of(problem):  # not even one step of it, worked
+            assert "\n".join(working(step)) + "\n" not in text + "\n", (problem["id"], step)
+    assert "The answer is" not in text and "<think>" not in text  # no solution of any kind, no reasoning format
+
+
+def test_corpus_teaches_reading_copying_and_columns(world, corpus):
+    kinds = {kind: [r for r in corpus if r["kind"] == kind] for kind in ("story", "exercise", "drill")}
+    assert len(corpus) == sum(map(len, kinds.values()))
+    train = {p["id"]: p for p in read_jsonl(world.train)}
+    assert sorted(r["problem_id"] for r in kinds["story"]) == sorted(train)
+    for row in kinds["story"]:  # the plan copies the story's numbers (a*b as the gold writes it), its operators
+        user, assistant = row["messages"]
+        problem = train[row["problem_id"]]
+        assert (user["role"], user["content"], assistant["role"]) == ("user", problem["prompt"], "assistant")
+        assert sorted(re.findall(r"\d+", assistant["content"])) == sorted(re.findall(r"\d+", problem["prompt"]))
+        assert assistant["content"].split("\n")[0] == problem["meta"]["solution"].split("\n")[0]
+        assert re.findall(r"[+\-*]", assistant["content"]) == re.findall(r"[+\-*]", problem["meta"]["expression"])
+    for row in kinds["exercise"]:  # every exercise is correct column working in the gold format
+        assert [m["role"] for m in row["messages"]] == ["assistant"]
+        for block in row["messages"][0]["content"].split("\n\n"):
+            check_block(block.split("\n"))
+    for row in kinds["drill"]:
+        for line in row["messages"][0]["content"].split("\n"):
+            left, right = line.split("=")
+            assert evaluate(left) == int(right), line
+
+
+def test_corpus_is_deterministic_for_a_seed():
+    from data.toyworld.corpus import corpus_parquet, corpus_rows
+
+    splits = generate_problems(seed=0, n_train=200, n_test=40)
+    first = corpus_parquet(corpus_rows(splits["train"], splits["test"], seed=0))
+    assert corpus_parquet(corpus_rows(splits["train"], splits["test"], seed=0)) == first
+    assert corpus_parquet(corpus_rows(splits["train"], splits["test"], seed=1)) != first
+
+
+def test_corpus_renders_for_sft_with_every_token_trained(corpus, tokenizer):
+    """sft (assistant_only_loss: false) trains on the whole rendering; a plain row is one assistant turn."""
+    for row in corpus[:50]:
+        messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        assert text.endswith(f"<|im_start|>assistant\n{messages[-1]['content']}<|im_end|>\n")
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -301,7 +368,7 @@ def test_teacher_is_larger_than_student(world):
 
 def test_build_is_deterministic_and_idempotent(world, recipe, tmp_path):
     again = build(tmp_path / "again", **recipe)
-    for attr in ("train", "test", "gold", "manifest"):
+    for attr in ("train", "test", "gold", "corpus", "manifest"):
         assert getattr(again, attr).read_bytes() == getattr(world, attr).read_bytes(), attr
     for file in (
         "tokenizer/tokenizer.json",

@@ -4,6 +4,8 @@
     out/tokenizer/                                  AutoTokenizer directory with the chat template
     out/gold/train.parquet                          the gold solutions of the train split as an SFT set, in the
                                                     curated format (data/README.md): how the toy teacher learns
+    out/corpus/train.parquet                        the pretraining corpus of the student base (corpus.py), in the
+                                                    curated format: stories with their operand plans, exercises, drills
     out/teacher-init/, out/student-init/            random Qwen2 models + tokenizer + generation_config.json
     out/manifest.json                               seed, sizes, sha256 of the problem files, parameter counts
 
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from data.toyworld.corpus import CORPUS_VERSION, corpus_parquet, corpus_rows
 from data.toyworld.models import SIZES, build_model, count_parameters, save_model
 from data.toyworld.problems import GENERATOR_VERSION, generate_problems, gold_conversation, to_jsonl
 from data.toyworld.tokenizer import TOKENIZER_VERSION, corpus, save_tokenizer, train_tokenizer
@@ -41,6 +44,7 @@ class ToyWorld:
     train: Path
     test: Path
     gold: Path
+    corpus: Path
     tokenizer: Path
     teacher: Path
     student: Path
@@ -54,6 +58,7 @@ class ToyWorld:
             train=root / "problems" / "train.jsonl",
             test=root / "problems" / "test.jsonl",
             gold=root / "gold" / "train.parquet",
+            corpus=root / "corpus" / "train.parquet",
             tokenizer=root / "tokenizer",
             teacher=root / "teacher-init",
             student=root / "student-init",
@@ -80,6 +85,9 @@ def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_
         _write_or_check(path, content, recipe)
     if not paths.gold.exists():  # derived from train.jsonl, checked above
         _publish_file(paths.gold, gold_parquet(splits["train"]))
+    content = corpus_parquet(corpus_rows(splits["train"], splits["test"], seed))
+    hashes[paths.corpus.relative_to(paths.root).as_posix()] = _sha256(content)
+    _write_or_check(paths.corpus, content, {**recipe, "corpus_version": CORPUS_VERSION})
 
     # ---- tokenizer, then the models whose vocabulary it decides
     if not paths.tokenizer.exists():
