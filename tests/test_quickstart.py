@@ -1,6 +1,7 @@
 """The quickstart (recipes/quickstart/run.py) end to end at CI size: the same stages and code path as
 `make quickstart`, fewer problems and steps. Asserts the pipeline's invariants, not accuracies."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ import duckdb
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("teacher", "unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
+MODELS = ("teacher", "student-base", "unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
+STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
 pytestmark = pytest.mark.slow
 
 
@@ -20,9 +22,19 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("quickstart")
     run_dir = base / "run"
     done = subprocess.run([sys.executable, "recipes/quickstart/run.py", "--size", "ci", "--run_dir", str(run_dir),
-                           "--world", str(base / "world")], cwd=ROOT, capture_output=True, text=True)
+                           "--world", str(base / "world"), "--bases", str(base / "bases")], cwd=ROOT,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    """recipes/quickstart/run.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("quickstart_run", ROOT / "recipes" / "quickstart" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_report_has_every_section_and_plot(run):
@@ -34,6 +46,8 @@ def test_report_has_every_section_and_plot(run):
         assert (run / plot).stat().st_size > 1000 and f"]({plot})" in report
     for model in MODELS:
         assert f"| {model} |" in report
+    assert "| filtering (filtered vs unfiltered traces) | filtered-full - unfiltered |" in report
+    assert "| sparse KD vs plain SFT (both filtered) | filtered-kd - filtered-full |" in report
 
 
 def test_counts_line_up_across_stages(run):
@@ -65,3 +79,31 @@ def test_every_model_is_scored_with_its_protocol(run):
     assert (run / "checkpoints" / "filtered-lora" / "adapter_config.json").is_file()
     timings = json.loads((run / "timings.json").read_text())
     assert {"world", "sft teacher", "tracegen", "filter"} <= set(timings)
+
+
+def test_students_start_from_the_pretrained_base_with_equal_steps(run, recipe):
+    base = json.loads((run / "student-base.json").read_text())
+    assert not base["cached"] and Path(base["path"]).name.startswith("student-base-")
+    metrics = json.loads((Path(base["path"]) / "sft_metrics.json").read_text())
+    assert metrics["global_step"] == recipe.SIZES["ci"]["base_steps"]
+    steps = {name: json.loads((run / "checkpoints" / name / "sft_metrics.json").read_text())["global_step"]
+             for name in STUDENTS}
+    assert set(steps.values()) == {recipe.SIZES["ci"]["student_steps"]}, steps
+    adapter = json.loads((run / "checkpoints" / "filtered-lora" / "adapter_config.json").read_text())
+    assert Path(adapter["base_model_name_or_path"]).resolve() == Path(base["path"]).resolve()
+    assert recipe.STUDENTS == STUDENTS
+
+
+def test_the_base_is_reused_from_the_cache(run, recipe):
+    """Same corpus, init, recipe, steps and code: the same folder, and nothing is trained again."""
+    base = Path(json.loads((run / "student-base.json").read_text())["path"])
+    world = run.parent / "world"
+    before = (base / "model.safetensors").stat().st_mtime_ns
+
+    def stage(name, *cmd):
+        raise AssertionError(f"the cached base was trained again: {name}")
+
+    assert recipe.student_base(world, recipe.SIZES["ci"], base.parent, stage) == (base, True)
+    assert (base / "model.safetensors").stat().st_mtime_ns == before
+    other = {**recipe.SIZES["ci"], "base_steps": recipe.SIZES["ci"]["base_steps"] + 1}
+    assert recipe.base_key(world, other) != recipe.base_key(world, recipe.SIZES["ci"])

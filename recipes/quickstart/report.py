@@ -21,14 +21,21 @@ from filter.card import HEADER, funnel_rows
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-MODELS = ("teacher", "unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
+MODELS = ("teacher", "student-base", "unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
 WHAT = {
-    "teacher": "the teacher (4x128, trained on the gold solutions)",
-    "unfiltered": "student (2x128), full FT on every finished trace, wrong ones included",
-    "filtered-full": "student, full FT on the curated traces",
-    "filtered-lora": "student, LoRA on the curated traces",
-    "filtered-kd": "student, full FT on the curated traces + sparse KD on the teacher's top-k logprobs",
+    "teacher": "the teacher (4x128, trained from random init on the gold solutions)",
+    "student-base": "the student base (2x128, pretrained on the corpus), before distillation",
+    "unfiltered": "student base, full FT on every finished trace, wrong ones included",
+    "filtered-full": "student base, full FT on the curated traces",
+    "filtered-lora": "student base, LoRA on the curated traces",
+    "filtered-kd": "student base, full FT on the curated traces + sparse KD on the teacher's top-k logprobs",
 }
+# (what it shows, model a, model b): a - b with its standard error
+DIFFERENCES = (
+    ("filtering (filtered vs unfiltered traces)", "filtered-full", "unfiltered"),
+    ("sparse KD vs plain SFT (both filtered)", "filtered-kd", "filtered-full"),
+    ("distillation (filtered student vs its base)", "filtered-full", "student-base"),
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,24 +54,39 @@ def main(argv: list[str] | None = None) -> None:
     sections = [
         f"# Quickstart report ({args.size} size)\n\nR1-style distillation in the toy world, every stage run for "
         "real on this machine; every number below was computed in this run.\n",
-        models_table(scores), funnel_section(funnel), traces_section(run, traces), training_section(run),
-        timings_section(run), "## Plots\n\n" + "\n".join(f"![{name}]({name})" for name in plots) + "\n",
+        models_table(scores), differences_section(scores), funnel_section(funnel), traces_section(run, traces),
+        training_section(run), timings_section(run), "## Plots\n\n" + "\n".join(f"![{name}]({name})" for name in plots) + "\n",
     ]
     (run / "report.md").write_text("\n".join(sections))
 
 
 def models_table(scores: dict) -> str:
     rows = ["## Models on the held-out split\n",
-            "| model | what | pass@1 | ± stderr | maj@k | pass@k | k | problems | truncated | mean tokens |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| model | what | pass@1 | ± stderr | of teacher | maj@k | pass@k | k | problems | truncated | mean tokens |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     protocol = None
+    teacher = scores.get("teacher", {}).get("toy", {}).get("pass@1")
     for name in [m for m in MODELS if m in scores] + [m for m in scores if m not in MODELS]:
         s = scores[name]["toy"]
         protocol = protocol or s["protocol"]
-        rows.append(f"| {name} | {WHAT.get(name, '')} | {s['pass@1']:.3f} | {s['stderr']:.3f} | "
+        share = f"{s['pass@1'] / teacher:.0%}" if teacher else "-"
+        rows.append(f"| {name} | {WHAT.get(name, '')} | {s['pass@1']:.3f} | {s['stderr']:.3f} | {share} | "
                     f"{s.get('maj@k', float('nan')):.3f} | {s['pass@k']:.3f} | {s['n']} | {s['num_problems']} | "
                     f"{s['truncation_rate']:.3f} | {s['mean_tokens']:.0f} |")
     rows.append(f"\nProtocol: `{json.dumps(protocol, sort_keys=True)}`\n")
+    return "\n".join(rows) + "\n"
+
+
+def differences_section(scores: dict) -> str:
+    """Differences of pass@1 with the standard error of a difference of independent means, sqrt(se_a^2 + se_b^2)
+    (the models answer the same problems, so this is conservative)."""
+    rows = ["## What filtering, KD and distillation did\n", "| comparison | a - b | pass@1 difference | ± stderr | "
+            "in stderrs |", "|---|---|---|---|---|"]
+    for what, a, b in DIFFERENCES:
+        if a in scores and b in scores:
+            sa, sb = scores[a]["toy"], scores[b]["toy"]
+            diff, se = sa["pass@1"] - sb["pass@1"], (sa["stderr"] ** 2 + sb["stderr"] ** 2) ** 0.5
+            rows.append(f"| {what} | {a} - {b} | {diff:+.3f} | {se:.3f} | {diff / se if se else 0:+.1f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -87,8 +109,12 @@ def traces_section(run: Path, traces: list[tuple]) -> str:
 
 def training_section(run: Path) -> str:
     rows = ["## Training\n", "| checkpoint | metrics |", "|---|---|"]
+    base = json.loads((run / "student-base.json").read_text())
     for name in MODELS:
         path = run / "checkpoints" / name / "sft_metrics.json"
+        if name == "student-base":
+            path = Path(base["path"]) / "sft_metrics.json"
+            name += " (reused from the cache)" if base["cached"] else ""
         if path.exists():
             metrics = json.loads(path.read_text())
             keep = {k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}
@@ -98,9 +124,11 @@ def training_section(run: Path) -> str:
 
 def timings_section(run: Path) -> str:
     timings = json.loads((run / "timings.json").read_text())
-    rows = ["## Time per stage (seconds)\n", "| stage | s |", "|---|---|"]
-    rows += [f"| {name} | {seconds:.0f} |" for name, seconds in timings.items()]
-    rows.append(f"| **total** | {sum(timings.values()):.0f} |")
+    rows = ["## Time per stage (seconds)\n", "Wall time, and the CPU time of the stage's processes (user + system, all "
+            "cores; on a shared machine the steadier measure).\n", "| stage | wall s | CPU s |", "|---|---|---|"]
+    rows += [f"| {name} | {t['wall_s']:.0f} | {t['cpu_s']:.0f} |" for name, t in timings.items()]
+    rows.append(f"| **total** | {sum(t['wall_s'] for t in timings.values()):.0f} | "
+                f"{sum(t['cpu_s'] for t in timings.values()):.0f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -109,7 +137,8 @@ def plot_accuracy(scores: dict, run: Path) -> Path:
     values = [scores[m]["toy"]["pass@1"] for m in names]
     errors = [scores[m]["toy"]["stderr"] for m in names]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(names, values, yerr=errors, capsize=4, color=["#555"] + ["#4a7"] * (len(names) - 1))
+    colors = {"teacher": "#555", "student-base": "#bbb"}
+    ax.bar(names, values, yerr=errors, capsize=4, color=[colors.get(n, "#4a7") for n in names])
     ax.set_ylabel("pass@1 (held-out)")
     ax.set_ylim(0, 1)
     return _save(fig, run / "accuracy.png")
