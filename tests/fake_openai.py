@@ -49,6 +49,7 @@ import re
 import secrets
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -60,7 +61,8 @@ WORDS = """we need find the value of x so consider equation both sides then chec
     compute sum product term factor divide multiply substitute gives hence therefore note that since because
     try again verify result carefully actually number integer remainder total square root prime""".split()
 DIRECTIVE = re.compile(r"\[(reasoning|tokens|answers?|finish|refuse_n|fail)(?::([^\[\]]*))?\]")
-FAULT = re.compile(r"(429|500|503|always500|400|drop|reset|partial|malformed|slow)(?:x(\d+))?((?::\w+=[\w.+]+)*)")
+FAULT = re.compile(r"(429|500|503|always500|400|drop|reset|partial|malformed|slow)(?:x(\d+))?"
+                   r"((?::(?:retry|secs)=[\w.+]+)*)")
 ERRORS = {"429": (429, "rate_limit_exceeded"), "500": (500, None), "503": (503, None), "always500": (500, None),
           "400": (400, "context_length_exceeded")}
 FIELDS = {"field": "reasoning", "content_field": "reasoning_content"}
@@ -105,7 +107,7 @@ class Reply:
     status: int
     body: bytes
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    fault: str | None = None  # drop | reset | partial | slow, carried out on the wire
+    fault: str | None = None  # the injected fault kind; the handler carries out drop, reset and partial
 
 
 # ---- completions
@@ -297,6 +299,10 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # a benchmark opens 64 connections at once
     fake: FakeOpenAIServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up (a timeout) is no bug
+            super().handle_error(request, client_address)
 
 
 class FakeOpenAIServer:
