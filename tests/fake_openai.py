@@ -333,7 +333,8 @@ class FakeOpenAIServer:
             return Reply(200, dumps({"object": "list", "data": [{"id": self.script.model, "object": "model"}]}))
         if not chat:
             return error(404, f"no route {path}")
-        time.sleep(self.script.latency_s)
+        if self.script.latency_s:  # sleep(0) would still give the CPU away on a busy machine
+            time.sleep(self.script.latency_s)
         if prompt is None:
             return Reply(200, self.canned(body.get("n") or 1))
         return chat_reply(self.script, body, prompt)
