@@ -37,8 +37,7 @@ def post(client, prompt, timeout=5, **body):
 def raw_exchange(server, prompt) -> bytes:
     """Send one chat request on a bare socket and read until the server closes it."""
     body = json.dumps({"model": "fake-teacher", "messages": [{"role": "user", "content": prompt}]}).encode()
-    port = int(server.base_url.split(":")[2].split("/")[0])
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(server.http.server_address, timeout=5) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
                      b"content-length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
