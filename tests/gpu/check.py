@@ -16,17 +16,9 @@ tracegen's in-process engine as evals loads it (vllm when importable, else hf). 
 Targets (issue 19): full SFT at 16k MFU >= 40%; 32k trains without running out of memory; KD step <= 1.25x SFT;
 LoRA faster than full.
 
-Missing wheels (a bare GPU image: TRL, datasets and their dill / multiprocess, this project's transformers, Liger):
-here, in the repository root (see /work/.library/device/README.md on carrying wheels),
-
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \\
-        trl==1.16.0 datasets==5.2.0 transformers==5.19.0 dill==0.4.0 multiprocess==0.70.18 liger-kernel==0.6.4
-
-and on the GPU machine, before the check:
-
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+Missing wheels (a bare GPU image lacks TRL, datasets, this project's transformers and Liger; about 15 MB, see
+/work/.library/device/README.md on carrying wheels): `tests/gpu/wheels.sh download` here, with PyPI, into .whl/;
+`tests/gpu/wheels.sh check [ARGS]` there installs them into /tmp/site and runs this script.
 """
 
 import argparse
@@ -67,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.tiny
     shape = TINY if args.tiny else QWEN25_15B
     report = {"device": device_report(gpu), "model": shape, "attn_implementation": attention(gpu),
-              "liger": gpu and find_spec("liger_kernel") is not None, "steps": args.steps, "runs": []}
+              "liger": gpu and not args.no_liger and find_spec("liger_kernel") is not None, "steps": args.steps, "runs": []}
     log.info("device %s, attention %s", report["device"], report["attn_implementation"])
     # --- train: every mode at every length -----------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +86,7 @@ def parse_args(argv):
                         "--tiny: 64 256)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after one warm-up")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--no-liger", action="store_true", help="leave Liger's kernels off even where installed")
     args = parser.parse_args(argv)
     args.lengths = args.lengths or ([64, 256] if args.tiny else [4096, 16384, 32768])
     return args
