@@ -7,10 +7,11 @@ trainers, then sampled by the evals stage's in-process engine. Under 8 minutes o
 For full SFT (TRL's SFTTrainer: its fused, chunked LM head), LoRA (r 16 on every linear layer) and sparse KD
 (DistillTrainer, top-20 synthetic teacher logprobs, kd_alpha 0.5) at each length: one example per row, padding-free
 (position ids, no mask), bf16, gradient checkpointing, Liger's layer kernels and flash attention where installed
-(else sdpa). Per run: step time (the median of `--steps` steps after one warm-up step), tokens/s, MFU = 6 x
-parameters x tokens / step time / the GPU's dense bf16 peak (PEAK_TFLOPS; for LoRA the same 6N convention), peak
-memory, and per length the KD/SFT and LoRA/SFT step-time ratios. A run out of memory is recorded as "oom" and the
-others go on. Then the model, saved with a word-level tokenizer of its vocabulary, answers a few prompts through
+(else sdpa); and sft_packed: rows of the same length holding 4 examples (TRL's bfd packing, position ids
+restarting per example). Per run: step time (the median of `--steps` steps after one warm-up step), tokens/s, MFU
+= 6 x parameters x tokens / step time / the GPU's dense bf16 peak (PEAK_TFLOPS; for LoRA the same 6N convention),
+peak memory, and per length the KD/SFT, LoRA/SFT and packed/SFT step-time ratios. A run out of memory is recorded
+as "oom", one that fails as its error, and the others go on. Then the model, saved with a word-level tokenizer of its vocabulary, answers a few prompts through
 tracegen's in-process engine as evals loads it (vllm when importable, else hf). Writes one JSON, prints a table.
 
 Targets (issue 19): full SFT at 16k MFU >= 40%; 32k trains without running out of memory; KD step <= 1.25x SFT;
@@ -49,8 +50,9 @@ QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
                   rms_norm_eps=1e-6, tie_word_embeddings=True)
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-MODES = ("sft", "lora", "sparse_kd")
+MODES = ("sft", "lora", "sparse_kd", "sft_packed")
 TOP_K = 20
+PACKED = 4  # sft_packed: this many examples of length / 4 tokens in each row (TRL's bfd packing)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +153,9 @@ def synthetic_rows(length: int, vocab: int, n: int, kd: bool):
 
 
 def train(mode: str, length: int, shape: dict, steps: int, gpu: bool, report: dict, tmp: Path) -> dict:
-    run = {"mode": mode, "tokens_per_example": length}
+    """One run: `length` tokens per row (one example, or PACKED for sft_packed); a failure is recorded, not
+    raised, so the other runs still report."""
+    run = {"mode": mode, "tokens_per_row": length, "examples_per_row": PACKED if mode == "sft_packed" else 1}
     model = trainer = None
     try:
         model = build_model(shape, gpu)
@@ -166,6 +170,9 @@ def train(mode: str, length: int, shape: dict, steps: int, gpu: bool, report: di
                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None}
     except torch.OutOfMemoryError:
         run["result"] = "oom"
+    except Exception as e:  # broad on purpose: the remaining runs are worth the GPU time already paid for
+        log.exception("%s at %d tokens failed", mode, length)
+        run |= {"result": "error", "error": f"{type(e).__name__}: {e}"}
     finally:
         del model, trainer
         gc.collect()
@@ -191,16 +198,18 @@ def make_trainer(mode, model, length, shape, steps, gpu, report, out: Path):
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
 
+    packing = mode == "sft_packed"
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=1, max_steps=1 + steps, learning_rate=1e-5,
-                     padding_free=True, max_length=None, bf16=gpu, use_cpu=not gpu, gradient_checkpointing=gpu,
-                     use_liger_kernel=report["liger"], save_strategy="no", report_to=[], logging_steps=1,
-                     disable_tqdm=True, seed=0, dataloader_num_workers=0)
-    rows = synthetic_rows(length, shape["vocab_size"], 1 + steps, kd=mode == "sparse_kd")
+                     padding_free=True, packing=packing, max_length=length if packing else None, bf16=gpu,
+                     use_cpu=not gpu, gradient_checkpointing=gpu, use_liger_kernel=report["liger"],
+                     save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=0)
+    per_row = PACKED if packing else 1
+    rows = synthetic_rows(length // per_row, shape["vocab_size"], per_row * (1 + steps), kd=mode == "sparse_kd")
     tokenizer = word_tokenizer(shape["vocab_size"])
     common = dict(model=model, args=args, train_dataset=rows, processing_class=tokenizer, callbacks=[StepTimes()])
     if mode == "lora":
         return SFTTrainer(**common, peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")), times
-    if mode == "sft":
+    if mode in ("sft", "sft_packed"):
         return SFTTrainer(**common), times
     distill = DistillArguments(dataset="synthetic", kd="sparse", kd_alpha=0.5)
     return DistillTrainer(**common, distill=distill), times
@@ -213,13 +222,13 @@ def mfu(parameters: int, tokens: int, step_s: float, peak_tflops: float | None) 
 
 
 def ratios(runs: list[dict]) -> dict:
-    """Per length: KD step / SFT step and LoRA step / SFT step."""
-    by = {(r["mode"], r["tokens_per_example"]): r.get("step_s") for r in runs}
+    """Per row length: the step time of KD, LoRA and packed SFT over that of SFT (one example per row)."""
+    by = {(r["mode"], r["tokens_per_row"]): r.get("step_s") for r in runs}
     out = {}
-    for length in sorted({r["tokens_per_example"] for r in runs}):
+    for length in sorted({r["tokens_per_row"] for r in runs}):
         sft = by[("sft", length)]
         out[str(length)] = {f"{mode}/sft": round(by[(mode, length)] / sft, 3) if sft and by[(mode, length)]
-                            else None for mode in ("sparse_kd", "lora")}
+                            else None for mode in MODES[1:]}
     return out
 
 
@@ -280,18 +289,18 @@ def print_table(report: dict) -> None:
     device = report["device"]
     print(f"\n{device['name']} (peak {device['peak_tflops']} TFLOP/s bf16), attention {report['attn_implementation']},"
           f" liger {report['liger']}")
-    print(f"{'mode':<11}{'tokens':>8}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    print(f"{'mode':<11}{'row':>8}{'examples':>10}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for r in report["runs"]:
-        if r.get("result") == "oom":
-            print(f"{r['mode']:<11}{r['tokens_per_example']:>8}{'out of memory':>40}")
+        head = f"{r['mode']:<11}{r['tokens_per_row']:>8}{r['examples_per_row']:>10}"
+        if "result" in r:
+            print(f"{head}  {'out of memory' if r['result'] == 'oom' else r['error'][:80]}")
             continue
         mfu_text = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         memory = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}"
-        print(f"{r['mode']:<11}{r['tokens_per_example']:>8}{r['step_s']:>10.3f}{r['tokens_per_s']:>12,.0f}"
-              f"{mfu_text:>8}{memory:>10}")
+        print(f"{head}{r['step_s']:>10.3f}{r['tokens_per_s']:>12,.0f}{mfu_text:>8}{memory:>10}")
     for length, ratio in report["ratios"].items():
         print(f"{length:>8} tokens: KD/SFT step {_ratio(ratio['sparse_kd/sft'])}, LoRA/SFT step "
-              f"{_ratio(ratio['lora/sft'])}")
+              f"{_ratio(ratio['lora/sft'])}, packed/SFT step {_ratio(ratio['sft_packed/sft'])}")
     e = report["engine"]
     print(f"engine {e['engine']}: {e['prompts']} prompts, {e['completion_tokens']} tokens in {e['generate_s']} s "
           f"(loaded in {e['load_s']} s)")

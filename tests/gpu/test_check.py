@@ -18,16 +18,18 @@ def test_the_tiny_check_trains_every_mode_at_every_length_and_samples(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"]["name"] == "cpu" and report["attn_implementation"] == "sdpa"
-    runs = {(r["mode"], r["tokens_per_example"]): r for r in report["runs"]}
+    runs = {(r["mode"], r["tokens_per_row"]): r for r in report["runs"]}
     assert set(runs) == {(mode, length) for mode in MODES for length in (64, 256)}
     for run in runs.values():
+        assert "result" not in run, run  # no run ran out of memory or failed
         assert run["step_s"] > 0 and run["tokens_per_s"] > 0 and run["parameters"] > 0
+        assert run["examples_per_row"] == (4 if run["mode"] == "sft_packed" else 1)
         assert run["mfu"] is None  # no peak on a CPU
     assert runs[("lora", 64)]["parameters"] == runs[("sft", 64)]["parameters"]  # the base model's, 6N for both
-    assert all(r["sparse_kd/sft"] > 0 and r["lora/sft"] > 0 for r in report["ratios"].values())
+    assert all(value > 0 for ratio in report["ratios"].values() for value in ratio.values())
     engine = report["engine"]
     assert engine["engine"] == "hf" and engine["prompts"] == 4 and engine["completion_tokens"] > 0
-    assert "KD/SFT step" in done.stdout and "engine hf: 4 prompts" in done.stdout
+    assert "KD/SFT step" in done.stdout and "packed/SFT step" in done.stdout and "engine hf: 4 prompts" in done.stdout
 
 
 def test_peaks_are_found_by_the_names_gpus_report():
