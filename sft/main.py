@@ -103,10 +103,14 @@ def derive_liger(training_args, set_by_user: set[str], gpu: bool) -> None:
 
     if "use_liger_kernel" in set_by_user:
         return
-    training_args.use_liger_kernel = gpu and is_liger_kernel_available()
-    if gpu:
-        log.info("use_liger_kernel: %s (derived: liger-kernel is %sinstalled)", training_args.use_liger_kernel,
-                 "" if training_args.use_liger_kernel else "not ")
+    installed = is_liger_kernel_available()
+    training_args.use_liger_kernel = gpu and installed
+    if training_args.use_liger_kernel and training_args.liger_kernel_config is None:
+        # transformers applies Liger before TRL turns its fused CE off; the losses never call that forward anyway
+        training_args.liger_kernel_config = {"fused_linear_cross_entropy": False}
+    why = "no GPU" if not gpu else f"liger-kernel is {'' if installed else 'not '}installed"
+    log.info("use_liger_kernel: %s (derived: %s); CE runs through TRL's fused, chunked LM head either way",
+             training_args.use_liger_kernel, why)
 
 
 def whole_conversation(args, training_args, set_by_user: set[str]) -> bool:

@@ -9,8 +9,10 @@ implementation reads the example boundaries from them (transformers 5: flash_att
 and the `cu_seq_lens_*` the collator adds, flex_attention and sdpa/eager through a block-diagonal mask built by
 masking_utils.find_packed_sequence_indices: exact, but sdpa/eager hold a [tokens, tokens] mask, so use flash
 attention for long rows). Any other implementation (paged attention, hub kernels) would let the examples see each
-other and is refused. The first label of every example is -100, so no position predicts across a boundary: the
-loss of a packed batch is the sum of its examples' own losses (tests/sft/test_packing.py).
+other and is refused. Tested on a CPU: eager and sdpa (flex_attention has no backward on a CPU, flash attention
+needs a GPU; tests/gpu/check.py runs sdpa there, or flash_attention_2 where flash-attn is installed). The first
+label of every example is -100, so no position predicts across a boundary: the loss of a packed batch is the sum
+of its examples' own losses (tests/sft/test_packing.py).
 
 kd: none and kd: online use TRL's own packing and collator. kd: sparse packs here, with the same TRL function over
 the teacher's per-position columns too, so each position's stored top-k stays with its token (sft/kd_data.py's

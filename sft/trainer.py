@@ -36,7 +36,7 @@ from sft.losses import DIVERGENCE_BETA, online_divergence, sparse_kd_loss
 from sft.packing import pack_kd, packed
 from sft.schedule import temperature_at
 
-PACKING_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                   "max_length_k", "seq_idx")
 PROJECTION_FILE = "feature_projection.pt"  # in checkpoint-*/ beside optimizer.pt: training state, not the model
 
@@ -294,7 +294,7 @@ def _backbone(lm, inputs):
 def model_inputs(inputs) -> dict:
     """What the model reads from a batch: ids, the padding mask, or a padding-free row's positions and boundaries
     (sft/packing.py; the teacher sees the same row with the same position ids)."""
-    return {name: inputs[name] for name in PACKING_INPUTS if inputs.get(name) is not None}
+    return {name: inputs[name] for name in MODEL_INPUTS if inputs.get(name) is not None}
 
 
 def _redirect_forward(wrapper, module, method, *args):

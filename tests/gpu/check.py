@@ -202,6 +202,7 @@ def make_trainer(mode, model, length, shape, steps, gpu, report, out: Path):
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=1, max_steps=1 + steps, learning_rate=1e-5,
                      padding_free=True, packing=packing, max_length=length if packing else None, bf16=gpu,
                      use_cpu=not gpu, gradient_checkpointing=gpu, use_liger_kernel=report["liger"],
+                     liger_kernel_config={"fused_linear_cross_entropy": False} if report["liger"] else None,
                      save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=0)
     per_row = PACKED if packing else 1
     rows = synthetic_rows(length // per_row, shape["vocab_size"], per_row * (1 + steps), kd=mode == "sparse_kd")

@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.gpu.check import MODES, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a subprocess end to end, about a minute on a 2-core machine
 def test_the_tiny_check_trains_every_mode_at_every_length_and_samples(tmp_path):
     out = tmp_path / "check.json"
     done = subprocess.run([sys.executable, "tests/gpu/check.py", "--tiny", "--steps", "2", "--out", str(out)],
