@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s", run)
         report["ratios"] = ratios(report["runs"])
         # --- sample: the evals stage's in-process engine on the same model -------------------------------------
-        report["engine"] = sample(shape, gpu, Path(tmp), prompts=4, tokens=8 if args.tiny else 32)
+        try:
+            report["engine"] = sample(shape, gpu, Path(tmp), prompts=4, tokens=8 if args.tiny else 32)
+        except Exception as e:  # broad on purpose: the training figures above are kept and written
+            log.exception("the in-process engine failed")
+            report["engine"] = {"error": f"{type(e).__name__}: {e}"}
     # --- report ---------------------------------------------------------------------------------------------
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -167,7 +171,9 @@ def train(mode: str, length: int, shape: dict, steps: int, gpu: bool, report: di
         step_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
         run |= {"step_s": round(step_s, 4), "tokens_per_s": round(length / step_s, 1),
                 "mfu": mfu(run["parameters"], length, step_s, report["device"]["peak_tflops"]),
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None}
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
+                # what float32 [tokens, vocabulary] logits alone would hold: a peak below it shows none were built
+                "full_logits_gib": round(length * shape["vocab_size"] * 4 / 2**30, 2)}
     except torch.OutOfMemoryError:
         run["result"] = "oom"
     except Exception as e:  # broad on purpose: the remaining runs are worth the GPU time already paid for
@@ -303,6 +309,9 @@ def print_table(report: dict) -> None:
         print(f"{length:>8} tokens: KD/SFT step {_ratio(ratio['sparse_kd/sft'])}, LoRA/SFT step "
               f"{_ratio(ratio['lora/sft'])}, packed/SFT step {_ratio(ratio['sft_packed/sft'])}")
     e = report["engine"]
+    if "error" in e:
+        print(f"engine failed: {e['error'][:200]}")
+        return
     print(f"engine {e['engine']}: {e['prompts']} prompts, {e['completion_tokens']} tokens in {e['generate_s']} s "
           f"(loaded in {e['load_s']} s)")
 

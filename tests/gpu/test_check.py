@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tests.gpu.check import MODES, peak_tflops
+from tests.gpu.check import MODES, QWEN25_15B, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,3 +44,9 @@ def test_peaks_are_found_by_the_names_gpus_report():
     assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312
     assert peak_tflops("NVIDIA L40S") == 362 and peak_tflops("NVIDIA A10G") == 70
     assert peak_tflops("Some Future GPU") is None
+
+
+def test_the_student_has_qwen2_5_1_5b_s_shape():
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_15B))
+    assert model.num_parameters() == 1_543_714_304  # Qwen2.5-1.5B's count, tied embeddings once
