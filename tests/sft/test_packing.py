@@ -1,7 +1,7 @@
 """Packed and padding-free batches (sft/packing.py): each example's loss and gradient are those it has alone, for CE
-and sparse KD, under eager and sdpa attention; one optimizer step on packed rows is the step on padded rows, for
-kd: none (TRL's packing), sparse (ours) and online (the teacher on the same row); what cannot keep examples apart
-is refused by name."""
+and sparse KD, under eager and sdpa attention; one optimizer step on packed rows (with and without gradient
+checkpointing) and on padding-free rows is the step on padded rows, for kd: none (TRL's packing), sparse (ours) and
+online (the teacher on the same row); what cannot keep examples apart is refused by name."""
 
 import copy
 import json
@@ -115,11 +115,11 @@ def test_a_step_on_packed_rows_is_the_step_on_padded_rows(tmp_path, kd):
     padded = one_step(tmp_path, "padded", kd)
     packed = one_step(tmp_path, "packed", kd, packing=True)
     padding_free = one_step(tmp_path, "free", kd, padding_free=True, per_device_train_batch_size=8)
+    checkpointed = one_step(tmp_path, "checkpointed", kd, packing=True, gradient_checkpointing=True)
     for name, value in padded.items():
         assert not torch.equal(value, start[name]) or "embed" in name  # the step moved the weights
-        torch.testing.assert_close(packed[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-        torch.testing.assert_close(padding_free[name], value, rtol=1e-4, atol=1e-5,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        for other in (packed, padding_free, checkpointed):
+            torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_what_cannot_keep_examples_apart_is_refused_by_name(tmp_path):
