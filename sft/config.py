@@ -184,10 +184,10 @@ def _layer_map(value) -> dict[int, int] | None:
 
 
 def check_with_training_args(args: DistillArguments, training_args) -> None:
-    """The settings of SFTConfig that KD cannot honour."""
-    if args.kd != "none" and (training_args.packing or training_args.padding_free):
-        raise ConfigError("packing / padding_free: not supported with kd (the teacher's per-position logprobs and the "
-                          "KD loss work on one sequence per row); set packing: false")
+    """The settings of SFTConfig that the distillation settings cannot honour (packing: sft/packing.py)."""
+    from sft.packing import check_packing_settings
+
+    check_packing_settings(training_args, args)
 
 
 def parse_config(argv: list[str] | None = None):

@@ -27,6 +27,7 @@ import yaml
 from data.config import ConfigError
 from sft.config import check_with_training_args, parse_config
 from sft.data import fit_lengths, load_curated, tokenize, training_template
+from sft.packing import check_attention
 
 log = logging.getLogger("sft")
 
@@ -44,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_curated(args.dataset, args.dataset_split)
         dataset = prepare(dataset, tokenizer, template, args, whole_conversation(args, training_args, set_by_user))
         max_length = None if "max_length" not in set_by_user else training_args.max_length
-        dataset, training_args.max_length, dropped = fit_lengths(dataset, max_length, args.drop_long)
+        dataset, max_length, dropped = fit_lengths(dataset, max_length, args.drop_long)
         dataset = dataset.remove_columns("length")
+        # the lengths are checked: padding-free rows without packing are as long as their examples (TRL wants None)
+        training_args.max_length = None if training_args.padding_free and not training_args.packing else max_length
         # --- train (resuming from the last checkpoint) -----------------------------------------------------
         trainer = build_trainer(args, training_args, model_args, tokenizer, dataset)
     except ConfigError as e:  # a setting or the data, named; anything else is a bug and keeps its traceback
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         save_converted(out, args.qat)
     if args.merge:
         save_merged(trainer.model, tokenizer, out / "merged")
-    metrics = write_metrics(out, trainer, result, len(dataset), dropped, training_args.max_length,
+    metrics = write_metrics(out, trainer, result, len(dataset), dropped, max_length,
                             time.monotonic() - start, resumed_from=last)
     log.info("done: %d examples, last logged loss %s (mean over the run %.4f), %.0f tokens/s -> %s",
              metrics["examples"], _fmt(metrics["last_logged_loss"]), metrics["train_loss"], metrics["tokens_per_s"], out)
@@ -89,6 +92,25 @@ def derive_defaults(training_args, set_by_user: set[str]) -> None:
     for name in ("bf16", "gradient_checkpointing"):
         if name in set_by_user:
             log.info("%s: %s (set; derived default: %s)", name, getattr(training_args, name), gpu)
+    derive_liger(training_args, set_by_user, gpu)
+
+
+def derive_liger(training_args, set_by_user: set[str], gpu: bool) -> None:
+    """The CE path never builds [tokens, vocabulary] logits either way (TRL's fused, chunked LM head; the KD
+    losses' own chunks); on a GPU, Liger's layer kernels (RMSNorm, RoPE, SwiGLU) come on where liger-kernel is
+    installed (TRL keeps Liger's fused cross-entropy off: its own fused head does that part)."""
+    from transformers.utils import is_liger_kernel_available
+
+    if "use_liger_kernel" in set_by_user:
+        return
+    installed = is_liger_kernel_available()
+    training_args.use_liger_kernel = gpu and installed
+    if training_args.use_liger_kernel and training_args.liger_kernel_config is None:
+        # transformers applies Liger before TRL turns its fused CE off; the losses never call that forward anyway
+        training_args.liger_kernel_config = {"fused_linear_cross_entropy": False}
+    why = "no GPU" if not gpu else f"liger-kernel is {'' if installed else 'not '}installed"
+    log.info("use_liger_kernel: %s (derived: %s); CE runs through TRL's fused, chunked LM head either way",
+             training_args.use_liger_kernel, why)
 
 
 def whole_conversation(args, training_args, set_by_user: set[str]) -> bool:
@@ -156,6 +178,7 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
                                                      dtype=dtype, attn_implementation=model_args.attn_implementation)
     except OSError as e:
         raise ConfigError(f"model_name_or_path: cannot load {model_args.model_name_or_path!r}: {e}") from None
+    check_attention(training_args, model)
     peft_config = get_peft_config(model_args)
     if args.qat != "none":
         if peft_config is not None:
