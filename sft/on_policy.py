@@ -197,9 +197,11 @@ class ServedTeacher:
     def score(self, sequences: list[list[int]], prompt_lengths: list[int]) -> list[Scores]:
         from tracegen.http_engine import FatalEndpointError, RequestFailed
 
-        requests = [self.engine.prompt_logprobs(s, self.k) for s in sequences]
+        async def score_all():  # gathered inside the loop: its futures belong to it
+            return await asyncio.gather(*(self.engine.prompt_logprobs(s, self.k) for s in sequences))
+
         try:
-            entries = self._loop.run_until_complete(asyncio.gather(*requests))
+            entries = self._loop.run_until_complete(score_all())
         except RequestFailed as e:
             raise ConfigError(self._explain(e, max(map(len, sequences)))) from None
         except FatalEndpointError as e:
