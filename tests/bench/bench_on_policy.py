@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
-from data.toyworld.build import build  # noqa: E402
+from data.toyworld.build import ToyWorld, build  # noqa: E402
 from data.toyworld.problems import gold_conversation, read_jsonl  # noqa: E402
 from sft.config import DistillArguments  # noqa: E402
 from sft.data import load_curated, tokenize, training_template  # noqa: E402
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--served", action="store_true", help="also time a managed vLLM teacher server")
     args = parser.parse_args()
-    world = build(Path(args.world))
+    world = ToyWorld.at(args.world) if (Path(args.world) / "manifest.json").exists() else build(Path(args.world))
     teacher_dir = args.teacher or str(world.teacher)
     tokenizer = AutoTokenizer.from_pretrained(world.student)
     template = training_template(tokenizer, None)
