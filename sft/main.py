@@ -210,7 +210,7 @@ def write_metrics(out: Path, trainer, result, examples: int, dropped: int, max_l
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     losses = [h["loss"] for h in history if "loss" in h]
     last = next((h for h in reversed(history) if "loss" in h), {})
-    parts = {name: last[name] for name in ("ce", "kd", "feature", "attention", "kd_temperature") if name in last}
+    parts = {name: last[name] for name in ("ce", "kd", "kd_on_policy", "feature", "attention", "kd_temperature") if name in last}
     metrics = {
         "examples": examples, "dropped_long": dropped, "max_length": max_length,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,

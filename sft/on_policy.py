@@ -16,7 +16,8 @@ Losses (DistillTrainer's named parts, weighed kd_alpha for `ce` and (1 - kd_alph
 KL on the sampled token, log p_student(y) - log p_teacher(y), whose gradient is that difference (detached) times
 the gradient of log p_student(y), the score-function estimate of the reverse KL of the student's own samples
 (Qwen3's and Tinker's on-policy distillation); forward: the K+1-bucket forward KL of kd: sparse. No `ce` there
-(the student's tokens are not targets). On curated batches: `ce` plus the forward K+1 KL. Each micro-batch is
+(the student's tokens are not targets); the part is logged as `kd_on_policy`. On curated batches: `ce` plus the
+forward K+1 KL (`kd`). Each part is logged as the mean over the tokens of its own kind of batch. Each micro-batch is
 rebuilt (sampled, scored) as the trainer pulls it, so the loss is normalised by the tokens actually trained on,
 and the coin and the sampling seed come from (seed, optimizer step, micro-batch): a resumed run continues alike.
 """
@@ -372,16 +373,28 @@ class OnPolicyTrainer(DistillTrainer):
         if on_policy and self.distill.on_policy_loss == "reverse":
             surrogate, kd, tokens = sampled_reverse_kl(hidden, head, labels, *teacher, temperature,
                                                        self.distill.kd_chunk_size)
-            return weights["kd"] * surrogate, {"kd": kd}, tokens
+            return weights["kd"] * surrogate, {"kd_on_policy": kd}, tokens
         loss, ce, kd, tokens = sparse_kd_loss(hidden, head, labels, *teacher, 0.0 if on_policy else weights["ce"],
                                               weights["kd"], temperature, self.distill.kd_chunk_size)
-        return loss, ({"kd": kd} if on_policy else {"ce": ce, "kd": kd}), tokens
+        return loss, ({"kd_on_policy": kd} if on_policy else {"ce": ce, "kd": kd}), tokens
+
+    def _add_to_window(self, mode, parts, tokens, inputs):
+        super()._add_to_window(mode, parts, tokens, inputs)
+        kind = "on_policy_tokens" if bool(inputs["on_policy"]) else "curated_tokens"
+        count = self.accelerator.gather_for_metrics(tokens.reshape(1)).sum().item()
+        self._windows[mode][kind] = self._windows[mode].get(kind, 0.0) + count
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         self._signature_columns = [*self._signature_columns, "prompt_length"]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        window = self._windows.get("train" if self.model.training else "eval", {})
+        for kind, names in (("curated_tokens", ("ce", "kd")), ("on_policy_tokens", ("kd_on_policy",))):
+            count = window.pop(kind, 0)  # each part a mean over the tokens of its own kind of batch
+            for name in names:
+                if name in window and count:
+                    window[name] *= window["tokens"] / count
         if self.model.training and self._timings:
             batches = self._timings.pop("on_policy_batches", 0) + self._timings.get("curated_batches", 0)
             self._metrics["train"]["on_policy_fraction"] = [1 - self._timings.pop("curated_batches", 0) / batches]
