@@ -42,6 +42,10 @@ SIZES = {  # the quickstart size this builds on; per-arm steps and the evaluatio
 TEACHER = "{run}/checkpoints/teacher"
 QUICKSTART_MADE = ("student-base.json", "checkpoints/teacher", "curation.duckdb", "curated", "unfiltered")
 ONLINE = ["--kd", "online", "--teacher_model", TEACHER]
+# On-policy distillation (kd: on_policy, sft/on_policy.py), as recipes/quickstart/sft-filtered-on-policy.yaml: half
+# the batches the student's own samples graded by the served teacher (reverse KL), half the curated traces.
+ON_POLICY = ["--kd", "on_policy", "--teacher_serve_model", TEACHER, "--on_policy_top_k", "5", "--teacher_serve_args",
+             '["--max-model-len", "1024", "--gpu-memory-utilization", "0.2", "--enforce-eager"]']
 # (name, group, data, sft flags on top of recipes/quickstart/sft-filtered-full.yaml). Data: curated, unfiltered,
 # confident (most confident per problem), quarter, half (of curated). "filtered" is the reference of every group.
 ARMS = [
@@ -51,6 +55,7 @@ ARMS = [
     ("kd-k1", "loss", "curated", ["--kd", "sparse", "--kd_top_k", "1", "--teacher_model", TEACHER]),
     ("kd-k5", "loss", "curated", ["--kd", "sparse", "--kd_top_k", "5", "--teacher_model", TEACHER]),
     ("kd-k20", "loss", "curated", ["--kd", "sparse", "--kd_top_k", "20", "--teacher_model", TEACHER]),
+    ("on-policy", "loss", "curated", ON_POLICY),
     ("quarter", "scale", "quarter", []),
     ("half", "scale", "half", []),
     ("kd-online", "toolbox", "curated", ONLINE),
@@ -60,18 +65,15 @@ ARMS = [
                                                  "--kd_temperature_schedule", "cosine"]),
     ("pruned-kd-online", "toolbox", "curated", ONLINE),  # from the pruned teacher, not the student base
 ]
-# TO EXTEND (the lead): on-policy distillation is not in sft yet (sft/config.py KD_MODES has no on_policy). Once it
-# is, add its arm here, e.g. ("on-policy", "loss", "curated", ["--kd", "on_policy", "--teacher_model", TEACHER]).
-LATER_ARMS: list[tuple[str, str, str, list[str]]] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size, run = SIZES[args.size], args.run_dir
-    arms = [arm for arm in ARMS + LATER_ARMS if not args.arms or arm[0] in args.arms]
+    arms = [arm for arm in ARMS if not args.arms or arm[0] in args.arms]
     if args.arms and len(arms) != len(set(args.arms)):
         print(f"recipes/ablation/run.py: --arms: unknown {sorted(set(args.arms) - {a[0] for a in arms})}; "
-              f"choose from {[a[0] for a in ARMS + LATER_ARMS]}", file=sys.stderr)
+              f"choose from {[a[0] for a in ARMS]}", file=sys.stderr)
         return 2
     out = run / "ablation"
     # --- 0. the quickstart: world, student base, teacher, traces, curated ----------------------------------
