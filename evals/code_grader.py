@@ -14,7 +14,7 @@ same dict) is one of:
 | kind | fields | what runs | correct when |
 |---|---|---|---|
 | `functional` | `test`: Python source (HumanEval: defines `check(candidate)`; MBPP: bare `assert`s); `entry_point` (optional): the function's name; `prompt` (optional): code prefix, default the Problem prompt | jail/functional_run.py: the candidate (with the prefix, below) in one process, the prefix + `test` + `check(entry_point)` (that call only with `entry_point`) in another that calls the candidate's functions with plain-data arguments and results; limit `Limits.wall_s` (10 s) | the tests run to their end |
-| `evalplus` | `task_id` (`HumanEval/N` or `Mbpp/N`: picks the input decoding and special oracles), `entry_point`, `canonical_solution`, `prompt` (the code the canonical solution continues), `base_input`, `plus_input` (lists of argument lists, the release's JSON as is), `atol` (0 = exact; float outputs then get 1e-6) | jail/evalplus_run.py, once with the canonical solution (expected outputs and times, cached per problem), then with the candidate on every base, then plus input, each limited from outside to max(4 s, 4 x the canonical time), 60 s per candidate at most, stopping at the first failure; 4 GiB | every output equals the expected one (evals/evalplus_check.py: text first, then evalplus's oracles and float closeness) |
+| `evalplus` | `task_id` (`HumanEval/N` or `Mbpp/N`: picks the input decoding and special oracles), `entry_point`, `canonical_solution`, `prompt` (the code the canonical solution continues), `base_input`, `plus_input` (lists of argument lists, the release's JSON as is), `atol` (0 = exact; float outputs then get 1e-6) | jail/evalplus_run.py, once with the canonical solution (expected outputs and times, cached per problem), then with the candidate on every base, then plus input, each limited from outside to max(4 s, 4 x the canonical time) (+ 4 x its encoding time), all inputs to 60 s (or 3 x the canonical's total, when longer), stopping at the first failure; 4 GiB | every output equals the expected one (evals/evalplus_check.py: text first, then evalplus's oracles and float closeness) |
 | `stdio` | `cases`: list of `{"input": str, "output": str}`; `time_limit_s` (optional, default 6): per case | jail/stdio_run.py: the candidate as a script, once per case (a fork) with stdin = `input` | every case exits 0 and the digest of its stdout equals that of `output` after whitespace normalisation (outer blank space dropped, each line stripped, runs of spaces/tabs collapsed) |
 
 For both function kinds a candidate without `def <entry_point>` gets the code prefix prepended; one
@@ -45,22 +45,25 @@ from evals.sandbox import Limits, RunResult, isolation, run_jail
 CODE_GRADER_VERSION = "code-v2 (plain-data results checked outside the sandbox)"
 MIN_INPUT_TIME_S = 4.0  # evalplus defaults: per-input limit = max(4 s, 4 x canonical time)
 INPUT_TIME_FACTOR = 4.0
-MAX_TASK_TIME_S = 60.0  # one candidate never holds a slot longer (evalplus: 60 s each for base and plus)
+MAX_TASK_TIME_S = 60.0  # one candidate holds a slot at most this long (evalplus: 60 s each for base and plus) ...
+TASK_TIME_FACTOR = 3.0  # ... or this many times the canonical solution's own total, when that is longer
 MAX_CANONICAL_TIME_S = 240.0  # the benchmark's own solution, once per problem
 LOAD_TIME_S = 10.0  # interpreter start-up plus the candidate's top-level code
 SLACK_S = 0.5  # pipe and encoding time on top of a per-input limit
 DEFAULT_CASE_TIME_S = 6.0
 EVALPLUS_MEMORY_MB = 4096  # evalplus's cap (Mbpp/255's canonical outputs alone take 1.5 GiB)
-HASH_OVER = 1 << 20  # outputs with longer plain-data text (and no float) cross as a sha256
-LINE_BYTES = 4 << 20  # the longest result line read back
+HASH_OVER = 1 << 20  # outputs with longer plain-data text cross as a sha256 ...
+FLOAT_HASH_OVER = 16 << 20  # ... or this long, when they hold floats (compared with a tolerance)
+LINE_BYTES = 24 << 20  # the longest result line read back
 
 
 @dataclass(frozen=True)
 class Expected:
-    """A problem's canonical outputs (("text", t) or ("sha", digest) each) and times, or why it failed."""
+    """A problem's canonical outputs (("text", t) or ("sha", digest) each), times (call, encoding), or
+    why it failed."""
 
     outputs: list[tuple[str, str]]
-    times: list[float]
+    times: list[tuple[float, float]]
     error: str | None = None
 
 
@@ -139,11 +142,11 @@ class CodeGrader:
         code = with_prefix(candidate, tests["entry_point"], tests.get("prompt", prompt))
         watch = _EvalplusWatch(tests, expected, self.fail_fast)
         res = run_jail("evalplus_run.py", _parts(_evalplus_payload(tests, code, copy_inputs=False)),
-                       _evalplus_limits(self.limits), watch)
+                       _evalplus_limits(self.limits, watch.task_limit), watch)
         if watch.failure is None and watch.passed == total:
             return Verdict("correct", "ok", None, passed=total, total=total)
         if watch.failure is None and res.status == "timeout":
-            watch.failure = f"{watch.where()}: time limit {watch.limit():.1f}s" if watch.loaded else (
+            watch.failure = watch.time_failure() if watch.loaded else (
                 f"loading the program: time limit {LOAD_TIME_S:.1f}s")
         if watch.failure is not None:
             return Verdict("wrong", watch.failure, None, passed=watch.passed, total=total)
@@ -179,7 +182,9 @@ class _EvalplusWatch:
         self.tests, self.expected, self.fail_fast = tests, expected, fail_fast
         self.split = ["base"] * len(_inputs(tests, "base_input")) + ["plus"] * len(_inputs(tests, "plus_input"))
         self.inputs = _inputs(tests, "base_input") + _inputs(tests, "plus_input")
-        self.limits = [max(MIN_INPUT_TIME_S, INPUT_TIME_FACTOR * t) for t in expected.times]
+        self.limits = [max(MIN_INPUT_TIME_S, INPUT_TIME_FACTOR * t) + INPUT_TIME_FACTOR * te
+                       for t, te in expected.times]
+        self.task_limit = task_limit(expected)
         self.mbpp = _dataset(tests) == "mbpp"
         self.loaded, self.seen, self.passed, self.failure = False, 0, 0, None
         self.start = time.monotonic()
@@ -190,6 +195,11 @@ class _EvalplusWatch:
 
     def limit(self) -> float:
         return self.limits[self.seen] if self.seen < len(self.limits) else 0.0
+
+    def time_failure(self) -> str:
+        if time.monotonic() >= self.start + self.task_limit:
+            return f"{self.where()}: time limit for all inputs {self.task_limit:.0f}s"
+        return f"{self.where()}: time limit {self.limit():.1f}s"
 
     def feed(self, line: bytes) -> bool:
         header, _, text = line.decode("utf-8", "replace").partition("\t")
@@ -213,7 +223,7 @@ class _EvalplusWatch:
         if self.failure and self.fail_fast:
             return True
         now = time.monotonic()
-        self.deadline = min(now + self.limit() + SLACK_S, self.start + MAX_TASK_TIME_S)
+        self.deadline = min(now + self.limit() + SLACK_S, self.start + self.task_limit)
         return self.seen == len(self.inputs)
 
     def _same(self, msg: dict, text: str | None) -> bool:
@@ -273,7 +283,7 @@ class _CanonicalWatch:
             self.error = f"input {len(self.outputs)}: {msg['raised']}"
             return True
         self.outputs.append(("sha", msg["sha"]) if "sha" in msg else ("text", text))
-        self.times.append(float(msg["t"]))
+        self.times.append((float(msg["t"]), float(msg["te"])))
         return len(self.outputs) == self.n
 
 
@@ -285,7 +295,7 @@ def _expected_outputs(tests: dict) -> Expected:
     except (ValueError, KeyError, TypeError) as e:
         return Expected([], [], f"bad tests: {type(e).__name__}: {e}")
     watch = _CanonicalWatch(len(payload["inputs"]))
-    limits = replace(_evalplus_limits(Limits()), wall_s=MAX_CANONICAL_TIME_S, cpu_s=int(MAX_CANONICAL_TIME_S))
+    limits = _evalplus_limits(Limits(), MAX_CANONICAL_TIME_S)
     res = run_jail("evalplus_run.py", _parts(payload), limits, watch)
     if watch.error is None and len(watch.outputs) == watch.n:
         return Expected(watch.outputs, watch.times)
@@ -295,8 +305,13 @@ def _expected_outputs(tests: dict) -> Expected:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _evalplus_limits(limits: Limits) -> Limits:
-    return replace(limits, wall_s=MAX_TASK_TIME_S + LOAD_TIME_S, cpu_s=int(MAX_TASK_TIME_S + LOAD_TIME_S),
+def task_limit(expected: Expected) -> float:
+    """How long one candidate may take for all inputs of an evalplus problem."""
+    return max(MAX_TASK_TIME_S, TASK_TIME_FACTOR * sum(t + te for t, te in expected.times))
+
+
+def _evalplus_limits(limits: Limits, seconds: float) -> Limits:
+    return replace(limits, wall_s=seconds + LOAD_TIME_S, cpu_s=int(seconds + LOAD_TIME_S),
                    memory_mb=max(limits.memory_mb, EVALPLUS_MEMORY_MB), output_bytes=LINE_BYTES)
 
 
@@ -304,7 +319,7 @@ def _evalplus_payload(tests: dict, code: str, copy_inputs: bool) -> dict:
     return {"code": code, "entry_point": tests["entry_point"], "dataset": _dataset(tests),
             "task_no": int(tests["task_id"].rsplit("/", 1)[1]),
             "inputs": _inputs(tests, "base_input") + _inputs(tests, "plus_input"),
-            "copy_inputs": copy_inputs, "hash_over": HASH_OVER}
+            "copy_inputs": copy_inputs, "hash_over": HASH_OVER, "float_hash_over": FLOAT_HASH_OVER}
 
 
 def _dataset(tests: dict) -> str:

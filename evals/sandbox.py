@@ -42,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,14 +103,13 @@ class Isolation:
         return f"sandbox layers: {self.mode}" + (f" (not active: {', '.join(missing)}; {self.detail})" if missing else "")
 
 
-class Watch:
+class Watch(Protocol):
     """Reads a run's stdout line by line as it comes: `feed` returns True to stop the run (the verdict
     is known), and `deadline` (time.monotonic) may move as the run makes progress."""
 
     deadline: float
 
-    def feed(self, line: bytes) -> bool:
-        raise NotImplementedError
+    def feed(self, line: bytes) -> bool: ...
 
 
 # ----------------------------------------------------------------------------- public API
@@ -192,7 +192,8 @@ def _root_layout(interpreter: str) -> dict:
     """What the empty root holds: the interpreter's prefix (minus site-packages) and the system libs."""
     prefix = os.path.dirname(os.path.dirname(interpreter))
     site = sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix})
-    binds = [prefix] + [p for p in ("/usr/lib", "/usr/lib64") if os.path.isdir(p) and not prefix.startswith(p)]
+    binds = [prefix] + [p for p in ("/usr/lib", "/usr/lib64") if os.path.isdir(p) and not (
+        p + "/").startswith(prefix + "/") and not (prefix + "/").startswith(p + "/")]
     links = {f"/{name}": f"usr/{name}" for name in ("lib", "lib64") if os.path.islink(f"/{name}")}
     return {"ro_binds": binds, "hide": [site] if os.path.isdir(site) else [], "symlinks": links}
 

@@ -1,9 +1,10 @@
 """In the sandbox: call one function on each input and send each output out as plain data.
 
 Payload (one part): code, entry_point, dataset ("humaneval" | "mbpp"), task_no, inputs, copy_inputs,
-hash_over. Lines out: {"loaded": true} once the code ran, then per input {"t": seconds} + the output's
-plain-data text ({"sha": ..., "len": ...} instead when it is longer than hash_over and holds no
-float), or {"raised": "<exception>"}. This program judges nothing: the grader compares outside.
+hash_over, float_hash_over. Lines out: {"loaded": true} once the code ran, then per input
+{"t": call seconds, "te": encoding seconds} + the output's plain-data text (or "sha" in the header
+instead, for text longer than hash_over, or float_hash_over when it holds a float), or
+{"raised": "<exception>"}. This program judges nothing: the grader compares outside.
 """
 
 import copy
@@ -14,7 +15,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from channel import not_dumpable, open_results, read_part
 from mbpp_inputs import NOT_NONE_TASKS, decode_inputs
-from plain import digest, dumps
+from plain import wire
 
 
 def main():
@@ -42,14 +43,15 @@ def main():
             seconds = time.perf_counter() - start
             if not_none and type(out) is not bool:
                 out = out is not None
-            text, floats = dumps(out)
-        except BaseException as e:  # the candidate's error, or an output that is not plain data
+            text, sha, _ = wire(out, payload["hash_over"], payload["float_hash_over"])
+        except BaseException as e:  # the candidate's error, or an output that would not encode
             send({"raised": f"{type(e).__name__}: {e}"[:300]})
             continue
-        if len(text) > payload["hash_over"] and not floats:
-            send({"t": seconds, "sha": digest(text), "len": len(text)})
+        times = {"t": seconds, "te": time.perf_counter() - start - seconds}
+        if sha:
+            send({**times, "sha": sha})
         else:
-            send({"t": seconds}, text)
+            send(times, text)
 
 
 if __name__ == "__main__":

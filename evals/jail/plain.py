@@ -20,6 +20,7 @@ _ITERATORS = {"map", "filter", "zip", "enumerate", "reversed", "generator", "lis
               "dict_valueiterator", "dict_itemiterator", "dict_keys", "dict_values", "dict_items",
               "itertools.chain", "itertools.islice", "itertools.count"}  # fmt: skip
 _TEXT = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+_SCALARS = {str, int, float, bool, type(None)}
 OPAQUE_TAG = '{"O":'  # only a tag can hold this: inside a JSON string the quotes are escaped
 
 
@@ -44,8 +45,19 @@ class Opaque:
 
 def dumps(value) -> tuple[str, bool]:
     """(canonical JSON text of `value`, whether it holds a float or complex)."""
-    floats = []
-    return _TEXT.encode(_encode(value, 0, floats)), bool(floats)
+    text, _, floats = wire(value, None)
+    return text, floats
+
+
+def wire(value, hash_over: int | None, float_hash_over: int | None = None) -> tuple[str | None, str | None, bool]:
+    """(text, None, floats), or (None, sha256 of the text, floats) once the text passes `hash_over`
+    characters (`float_hash_over` once a float was seen: floats are compared with a tolerance, which
+    needs the values): written piece by piece, so a huge output never exists twice in memory."""
+    sink = _Sink(hash_over, float_hash_over)
+    _write(value, 0, sink)
+    if sink.sha is None:
+        return "".join(sink.parts), None, sink.floats
+    return None, sink.sha.hexdigest(), sink.floats
 
 
 def digest(text: str) -> str:
@@ -57,38 +69,92 @@ def printed_digest(text: str) -> str:
     return digest("\n".join(" ".join(line.split()) for line in text.strip().splitlines()))
 
 
-def _encode(v, depth, floats):
+class _Sink:
+    def __init__(self, hash_over: int | None, float_hash_over: int | None = None):
+        self.hash_over, self.float_hash_over = hash_over, float_hash_over or hash_over
+        self.parts, self.size, self.sha, self.floats = [], 0, None, False
+
+    def write(self, piece: str) -> None:
+        self.size += len(piece)
+        if self.sha is not None:
+            self.sha.update(piece.encode())
+            return
+        self.parts.append(piece)
+        if self.hash_over is not None and self.size > (self.float_hash_over if self.floats else self.hash_over):
+            self.sha = hashlib.sha256("".join(self.parts).encode())
+            self.parts = []
+
+
+def _write(v, depth: int, sink: _Sink) -> None:
     if depth > MAX_DEPTH:
         raise Unencodable(f"nested deeper than {MAX_DEPTH}")
     t = type(v)  # the real type: isinstance() would believe a forged __class__
     if v is None or t is bool:
-        return v
-    if issubclass(t, int):
+        sink.write("null" if v is None else "true" if v else "false")
+    elif issubclass(t, int):
         v = int.__add__(v, 0)
-        return v if -(1 << 62) < v < 1 << 62 else {"I": hex(v)}
-    if issubclass(t, float):
-        floats.append(1)
+        sink.write(str(v) if -(1 << 62) < v < 1 << 62 else f'{{"I":"{hex(v)}"}}')
+    elif issubclass(t, float):
+        sink.floats = True
         v = float.__mul__(v, 1.0)
-        return v if math.isfinite(v) else {"F": repr(v)}
-    if issubclass(t, complex):
-        floats.append(1)
-        return {"C": [_encode(complex.real.__get__(v), depth, floats), _encode(complex.imag.__get__(v), depth, floats)]}
-    if issubclass(t, str):
-        return str.__add__(v, "")
-    if issubclass(t, (list, tuple)):
-        items = [_encode(x, depth + 1, floats) for x in (list.__iter__ if issubclass(t, list) else tuple.__iter__)(v)]
-        return items if issubclass(t, list) else {"T": items}
-    if issubclass(t, (set, frozenset)):
-        items = (set.__iter__ if issubclass(t, set) else frozenset.__iter__)(v)
-        return {"S" if issubclass(t, set) else "FS": sorted((_encode(x, depth + 1, floats) for x in items),
-                                                            key=_TEXT.encode)}
-    if issubclass(t, dict):
-        return {"D": [[_encode(k, depth + 1, floats), _encode(x, depth + 1, floats)] for k, x in dict.items(v)]}
-    if issubclass(t, (bytes, bytearray)):
-        return {"B" if issubclass(t, bytes) else "BA": (bytes.hex if issubclass(t, bytes) else bytearray.hex)(v)}
-    if _type_name(t) in _ITERATORS:
-        return [_encode(x, depth + 1, floats) for x in v]
-    return {"O": [_type_name(t), bool(v) is True]}
+        sink.write(repr(v) if math.isfinite(v) else f'{{"F":"{v!r}"}}')
+    elif issubclass(t, complex):
+        sink.floats = True
+        real, imag = _small(complex.real.__get__(v)), _small(complex.imag.__get__(v))
+        sink.write(f'{{"C":[{real},{imag}]}}')
+    elif issubclass(t, str):
+        sink.write(_TEXT.encode(str.__add__(v, "")))
+    elif (t is list or t is tuple) and _flat(v, sink):
+        pass
+    elif issubclass(t, (list, tuple)) or _type_name(t) in _ITERATORS:
+        items = list.__iter__(v) if issubclass(t, list) else tuple.__iter__(v) if issubclass(t, tuple) else v
+        sink.write("[" if issubclass(t, list) or not issubclass(t, tuple) else '{"T":[')
+        for i, x in enumerate(items):
+            if i:
+                sink.write(",")
+            _write(x, depth + 1, sink)
+        sink.write("]" if issubclass(t, list) or not issubclass(t, tuple) else "]}")
+    elif issubclass(t, (set, frozenset)):
+        items = sorted(_small(x, depth + 1, sink) for x in (set.__iter__ if issubclass(t, set) else frozenset.__iter__)(v))
+        sink.write(('{"S":[' if issubclass(t, set) else '{"FS":[') + ",".join(items) + "]}")
+    elif issubclass(t, dict):
+        sink.write('{"D":[')
+        for i, (k, x) in enumerate(dict.items(v)):
+            sink.write(",[" if i else "[")
+            _write(k, depth + 1, sink)
+            sink.write(",")
+            _write(x, depth + 1, sink)
+            sink.write("]")
+        sink.write("]}")
+    elif issubclass(t, (bytes, bytearray)):
+        tag, hexed = ("B", bytes.hex(v)) if issubclass(t, bytes) else ("BA", bytearray.hex(v))
+        sink.write(f'{{"{tag}":"{hexed}"}}')
+    else:
+        truth = "true" if bool(v) is True else "false"
+        sink.write(f'{{"O":[{_TEXT.encode(_type_name(t))},{truth}]}}')
+
+
+def _flat(v, sink: _Sink) -> bool:
+    """Write a list or tuple of scalars in one go (json's C encoder, same text); False if it is not one."""
+    kinds = set(map(type, v))
+    if not kinds <= _SCALARS:
+        return False
+    try:
+        text = _TEXT.encode(v if type(v) is list else list(v))
+    except ValueError:  # nan or inf (tagged), or an int over sys.int_max_str_digits
+        return False
+    sink.floats = sink.floats or float in kinds
+    sink.write(text if type(v) is list else f'{{"T":{text}}}')
+    return True
+
+
+def _small(v, depth: int = 0, outer: _Sink | None = None) -> str:
+    """The text of a set item or complex part (kept whole: set items are sorted by it)."""
+    sink = _Sink(None)
+    _write(v, depth, sink)
+    if outer is not None:
+        outer.floats = outer.floats or sink.floats
+    return "".join(sink.parts)
 
 
 def _type_name(t) -> str:

@@ -395,3 +395,39 @@ def test_a_hostile_candidate_cannot_hold_a_slot(monkeypatch):
     assert time.monotonic() - start < 12  # the canonical run, then two candidates in parallel
     assert [(v.category, v.detail) for v in verdicts] == [
         ("wrong", "base input 0: time limit 0.5s"), ("wrong", "loading the program: time limit 3.0s")]
+
+
+SNOOP = (  # every string this process can reach: the heap, every frame's locals, stdin, the cwd, /jail
+    "import gc, os, sys\n"
+    "def _snoop():\n"
+    "    seen = [repr(o) for o in gc.get_objects()]\n"
+    "    f = sys._getframe()\n"
+    "    while f:\n"
+    "        seen.append(repr(f.f_locals))\n"
+    "        f = f.f_back\n"
+    "    for d in ('.', '/jail', '/tmp'):\n"
+    "        for name in os.listdir(d):\n"
+    "            try:\n"
+    "                seen.append(open(os.path.join(d, name), errors='replace').read())\n"
+    "            except OSError:\n"
+    "                pass\n"
+    "    text = ' '.join(seen)\n"
+    "    i = text.find('SECRET-')\n"
+    "    return text[i:i + 11] if i >= 0 else 'nothing'\n"
+    "def shout(s):\n"
+    "    return _snoop()\n"
+)
+
+
+@pytest.mark.parametrize("kind", ["functional", "evalplus"])
+def test_expected_values_are_out_of_the_candidates_reach(grader, kind):
+    if kind == "functional":
+        tests = {"kind": "functional", "entry_point": "shout",
+                 "test": "def check(candidate):\n    assert candidate('x') == 'SECRET-4f2a'\n"}
+    else:
+        tests = {"kind": "evalplus", "task_id": "HumanEval/9003", "entry_point": "shout", "prompt": "",
+                 "canonical_solution": "def shout(s):\n    return 'SECRET-' + '4f2a'\n", "base_input": [["x"]],
+                 "plus_input": [], "atol": 0}
+    honest = "def shout(s):\n    return 'SECRET-4f2a'\n"
+    snooper, right = grader.grade([(tests, SNOOP, ""), (tests, honest, "")])
+    assert right.correct and (snooper.category, snooper.passed) == ("wrong", 0), snooper
