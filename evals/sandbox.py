@@ -180,6 +180,7 @@ def _stage(workdir: Path, files: dict, program: str, uid: int | None, limits: Li
     cfg = {
         "layers": list(iso.layers), "stage": str(stage), "root": str(workdir / "root"), "uid": uid,
         "program": target, "jail": str(JAIL_DIR), "tmp_mb": TMP_MB, **_root_layout(iso.interpreter),
+        "seccomp_lib": _seccomp_lib(),
         "rlimits": {"RLIMIT_CPU": [limits.cpu_s, limits.cpu_s + 1], "RLIMIT_AS": [limits.memory_mb * mb] * 2,
                     "RLIMIT_FSIZE": [limits.file_size_mb * mb] * 2, "RLIMIT_NPROC": [limits.nproc] * 2,
                     "RLIMIT_NOFILE": [limits.nofile] * 2, "RLIMIT_CORE": [0, 0]},
@@ -196,6 +197,11 @@ def _root_layout(interpreter: str) -> dict:
         p + "/").startswith(prefix + "/") and not (prefix + "/").startswith(p + "/")]
     links = {f"/{name}": f"usr/{name}" for name in ("lib", "lib64") if os.path.islink(f"/{name}")}
     return {"ro_binds": binds, "hide": [site] if os.path.isdir(site) else [], "symlinks": links}
+
+
+@functools.cache
+def _seccomp_lib() -> str | None:
+    return ctypes.util.find_library("seccomp")  # (it runs ldconfig: once here, not in every sandbox)
 
 
 def _launch(argv, stdin):
@@ -322,7 +328,7 @@ def _probe_isolation() -> Isolation:
         raise ValueError(f"R1_SANDBOX_ISOLATION={forced!r}: only 'none' (or unset) is understood")
     wanted = [layer for layer in ALL_LAYERS if layer != "slot_uid" or os.geteuid() == 0]
     notes = [] if os.geteuid() == 0 else ["slot_uid needs root"]
-    if not (ctypes.util.find_library("seccomp")):
+    if not _seccomp_lib():
         wanted.remove("seccomp")
         notes.append("libseccomp not found")
     attempts = [wanted, [x for x in wanted if x != "seccomp"], ["no_new_privs"]]

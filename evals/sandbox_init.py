@@ -18,13 +18,10 @@ The program is then run by path, in this interpreter (no second start-up), as __
 """
 
 import ctypes
-import ctypes.util
 import json
 import os
-import platform
 import resource
 import runpy
-import shutil
 import sys
 
 CLONE = {"NEWNS": 0x20000, "NEWUTS": 0x4000000, "NEWIPC": 0x8000000, "NEWUSER": 0x10000000,
@@ -116,12 +113,13 @@ def _build_root(cfg: dict) -> None:
     os.makedirs(root + "/tmp")
     _mount("sandbox", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmp_mb']}m,mode=1777")
     for name in os.listdir(cfg["stage"]):
-        shutil.copy(os.path.join(cfg["stage"], name), root + "/tmp/" + name)
+        with open(os.path.join(cfg["stage"], name), "rb") as src, open(root + "/tmp/" + name, "wb") as dst:
+            dst.write(src.read())
         if cfg.get("uid") is not None:
             os.chown(root + "/tmp/" + name, cfg["uid"], cfg["uid"])
     _mount(None, root, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(root)
-    _check(libc.syscall(SYS_PIVOT_ROOT[platform.machine()], b".", b"."), "pivot_root")
+    _check(libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
     _check(libc.umount2(b".", MNT_DETACH), "detaching the host's tree")
     os.chdir("/tmp")
 
@@ -138,7 +136,7 @@ def _become_program(cfg: dict, layers: set) -> None:
         if "no_new_privs" in layers:
             _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
         if "seccomp" in layers:
-            _load_seccomp()
+            _load_seccomp(cfg["seccomp_lib"])
     except OSError as e:
         print(f"sandbox setup failed: {e}", file=sys.stderr)
         os._exit(SETUP_FAILED)
@@ -148,8 +146,8 @@ def _become_program(cfg: dict, layers: set) -> None:
     os._exit(0)
 
 
-def _load_seccomp() -> None:
-    lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2")
+def _load_seccomp(path: str) -> None:
+    lib = ctypes.CDLL(path)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]

@@ -14,11 +14,8 @@ Line out: {"passed": true} or {"failed": "<first failure>"} or {"error": "..."}.
 
 import ast
 import builtins
-import linecache
 import os
-import socket
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from channel import not_dumpable, open_results, read_part
@@ -36,11 +33,12 @@ def main():
     candidate = read_part()
     payload_fd = os.dup(0)
     _, send = open_results()
-    ours, theirs = socket.socketpair()
+    (to_us, from_them), (to_them, from_us) = os.pipe(), os.pipe()
     if os.fork() == 0:
-        ours.close()
-        _serve(theirs, candidate["code"])  # closes every fd but its socket and stderr, payload_fd included
-    theirs.close()
+        _serve((to_them, from_them), candidate["code"])  # closes every other fd but stderr
+    os.close(to_them)
+    os.close(from_them)
+    ours = (to_us, from_us)
     sys.set_int_max_str_digits(0)
     tests = read_part(payload_fd)
     try:
@@ -67,7 +65,6 @@ def _run_tests(tests: dict, code: str, conn) -> dict:
     for name in functions:
         if name == entry or name not in namespace:
             namespace[name] = _proxy(conn, name)
-    linecache.cache["tests.py"] = (len(tests["test"]), None, tests["test"].splitlines(True), "tests.py")
     try:
         exec(compile(tests["test"], "tests.py", "exec"), namespace)
         if entry:
@@ -75,7 +72,7 @@ def _run_tests(tests: dict, code: str, conn) -> dict:
     except CandidateGone as e:
         return {"failed": str(e)}
     except BaseException as e:
-        return {"failed": _where(e)}
+        return {"failed": _where(e, tests["test"])}
     return {"passed": True}
 
 
@@ -93,9 +90,15 @@ def _imports_of(code: str, namespace: dict) -> None:
                 continue
 
 
-def _where(e: BaseException) -> str:
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == "tests.py"]
-    line = f" (tests line {frames[-1].lineno}: {frames[-1].line})" if frames else ""
+def _where(e: BaseException, test: str) -> str:
+    """The exception, and the last line of the tests it passed through."""
+    tb, lineno = e.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "tests.py":
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    lines = test.splitlines()
+    line = f" (tests line {lineno}: {lines[lineno - 1].strip()})" if lineno and lineno <= len(lines) else ""
     return f"{type(e).__name__}: {e}"[:200] + line[:200]
 
 
@@ -118,10 +121,14 @@ def _proxy(conn, name):
     return call
 
 
-def _serve(conn, code: str):
+def _serve(conn: tuple[int, int], code: str):
     """The candidate process: never returns."""
-    os.closerange(3, conn.fileno())
-    os.closerange(conn.fileno() + 1, 1 << 16)
+    for fd in range(3, 1 << 10):  # under RLIMIT_NOFILE: the result fd, the payload, the other pipe ends
+        if fd not in conn:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     namespace = {"__name__": "__main__"}
     try:
         exec(compile(code, "solution.py", "exec"), namespace)
@@ -143,12 +150,13 @@ def _serve(conn, code: str):
         _send(conn, reply)
 
 
-def _send(conn, message: dict) -> None:
-    data = dumps(message)[0].encode()
-    conn.sendall(len(data).to_bytes(8, "big") + data)
+def _send(conn: tuple[int, int], message: dict) -> None:
+    data = memoryview(len(text := dumps(message)[0].encode()).to_bytes(8, "big") + text)
+    while data:
+        data = data[os.write(conn[1], data):]
 
 
-def _receive(conn) -> dict:
+def _receive(conn: tuple[int, int]) -> dict:
     head = _recv_exact(conn, 8)
     size = int.from_bytes(head, "big")
     if size > _MAX_MESSAGE:
@@ -156,10 +164,10 @@ def _receive(conn) -> dict:
     return loads(_recv_exact(conn, size).decode())
 
 
-def _recv_exact(conn, size: int) -> bytes:
+def _recv_exact(conn: tuple[int, int], size: int) -> bytes:
     data = bytearray()
     while len(data) < size:
-        chunk = conn.recv(min(size - len(data), 1 << 20))
+        chunk = os.read(conn[0], min(size - len(data), 1 << 20))
         if not chunk:
             raise CandidateGone("the candidate process ended before the tests finished")
         data += chunk

@@ -10,9 +10,13 @@ value, equal to nothing. Set items are sorted by their own text, so equal sets g
 keep their order (it shows when iterated), so equal dicts in another order are equal once rebuilt.
 """
 
-import hashlib
 import json
 import math
+
+try:  # not hashlib: it loads OpenSSL, a third of a sandbox run's start-up
+    from _sha256 import sha256
+except ImportError:  # Python 3.12+
+    from _sha2 import sha256
 
 MAX_DEPTH = 200
 _ITERATORS = {"map", "filter", "zip", "enumerate", "reversed", "generator", "list_iterator", "tuple_iterator",
@@ -61,7 +65,7 @@ def wire(value, hash_over: int | None, float_hash_over: int | None = None) -> tu
 
 
 def digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256(text.encode()).hexdigest()
 
 
 def printed_digest(text: str) -> str:
@@ -81,7 +85,7 @@ class _Sink:
             return
         self.parts.append(piece)
         if self.hash_over is not None and self.size > (self.float_hash_over if self.floats else self.hash_over):
-            self.sha = hashlib.sha256("".join(self.parts).encode())
+            self.sha = sha256("".join(self.parts).encode())
             self.parts = []
 
 
