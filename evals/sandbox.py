@@ -30,15 +30,18 @@ from __future__ import annotations
 import ctypes.util
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +50,8 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JAIL_DIR = Path(__file__).resolve().parent / "jail"
-INIT = Path(__file__).resolve().parent / "sandbox_init.py"
+FORK_SERVER = Path(__file__).resolve().parent / "fork_server.py"
+ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"}
 SANDBOX_UID_BASE = 60000  # per-slot uids 60000..60999 when started as root
 UID_SLOTS = 1000
 TMP_MB = 64
@@ -144,8 +148,8 @@ def _run_once(files, program, stdin, limits: Limits, watch: Watch | None, iso: I
         prefix=f"r1-sandbox-{os.getpid()}-", ignore_cleanup_errors=True
     ) as workdir:
         try:
-            argv = _stage(Path(workdir), files, program, uid, limits, iso)
-            proc, stdin_file = _launch(argv, stdin)
+            cfg = _stage(Path(workdir), files, program, uid, limits, iso)
+            proc, stdin_file = _launch(cfg, stdin, iso.interpreter)
         except OSError as e:
             out, err, why, rc = b"", f"sandbox failed to start: {e}".encode(), "error", None
         else:
@@ -159,7 +163,7 @@ def _run_once(files, program, stdin, limits: Limits, watch: Watch | None, iso: I
         reason=reason, network_isolated=iso.network_isolated)
 
 
-def _stage(workdir: Path, files: dict, program: str, uid: int | None, limits: Limits, iso: Isolation) -> list:
+def _stage(workdir: Path, files: dict, program: str, uid: int | None, limits: Limits, iso: Isolation) -> dict:
     stage = workdir / "stage"
     stage.mkdir()
     for name, content in files.items():
@@ -185,7 +189,7 @@ def _stage(workdir: Path, files: dict, program: str, uid: int | None, limits: Li
                     "RLIMIT_FSIZE": [limits.file_size_mb * mb] * 2, "RLIMIT_NPROC": [limits.nproc] * 2,
                     "RLIMIT_NOFILE": [limits.nofile] * 2, "RLIMIT_CORE": [0, 0]},
     }
-    return [iso.interpreter, "-I", "-S", str(INIT), json.dumps(cfg)]
+    return cfg
 
 
 @functools.cache
@@ -204,24 +208,103 @@ def _seccomp_lib() -> str | None:
     return ctypes.util.find_library("seccomp")  # (it runs ldconfig: once here, not in every sandbox)
 
 
-def _launch(argv, stdin):
+def _launch(cfg: dict, stdin, interpreter: str) -> tuple[_Spawned, object]:
     # stdin comes from an unlinked temp file: no pipe to feed, nothing left on disk.
     stdin_file = tempfile.TemporaryFile()
     if stdin is not None:
         stdin_file.write(stdin.encode() if isinstance(stdin, str) else stdin)
         stdin_file.seek(0)
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp",
-           "TMPDIR": "/tmp"}
+    (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     try:
-        proc = subprocess.Popen(argv, env=env, stdin=stdin_file, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
+        proc = _fork_server(interpreter).spawn(cfg, [stdin_file.fileno(), out_w, err_w])
     except BaseException:
         stdin_file.close()
+        for fd in (out_r, err_r):
+            os.close(fd)
         raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    proc.stdout, proc.stderr = open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0)
     return proc, stdin_file
 
 
-def _collect(proc: subprocess.Popen, deadline: float, cap: int, watch: Watch | None) -> tuple[bytes, bytes, str]:
+class _Spawned:
+    """One sandbox run started by the fork server: its pipes, and its exit status when it comes."""
+
+    def __init__(self, server: _ForkServer, run_id: str):
+        self.server, self.id = server, run_id
+        self.stdout = self.stderr = None
+        self.returncode: int | None = None
+        self.done = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int:
+        self.done.wait()
+        return self.returncode
+
+    def kill_group(self) -> None:
+        if not self.done.is_set():
+            self.server.send({"id": self.id, "kill": True})
+
+
+class _ForkServer:
+    """evals/fork_server.py, started once per grader process (again if it dies)."""
+
+    def __init__(self, interpreter: str):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([interpreter, "-I", "-S", str(FORK_SERVER), str(theirs.fileno())],
+                                     env=ENV, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn, self.owner = ours, os.getpid()
+        self.lock, self.runs, self.alive = threading.Lock(), {}, True
+        threading.Thread(target=self._read, name="sandbox-fork-server", daemon=True).start()
+
+    def spawn(self, cfg: dict, fds: list[int]) -> _Spawned:
+        run = _Spawned(self, f"{os.getpid()}-{next(_run_ids)}")
+        with self.lock:
+            if not self.alive:
+                raise OSError("the sandbox fork server has stopped")
+            self.runs[run.id] = run
+            socket.send_fds(self.conn, [json.dumps({"id": run.id, "spawn": cfg}).encode()], fds)
+        return run
+
+    def send(self, message: dict) -> None:
+        with self.lock:
+            if self.alive:
+                self.conn.send(json.dumps(message).encode())
+
+    def _read(self) -> None:
+        while (data := self.conn.recv(1 << 16)):
+            message = json.loads(data)
+            with self.lock:
+                run = self.runs.pop(message["id"])
+            run.returncode = message["status"]
+            run.done.set()
+        with self.lock:  # the server died: every run it had is over
+            self.alive = False
+            runs, self.runs = list(self.runs.values()), {}
+        for run in runs:
+            run.returncode = -signal.SIGKILL
+            run.done.set()
+
+
+_server_lock = threading.Lock()
+_server: _ForkServer | None = None
+_run_ids = itertools.count()
+
+
+def _fork_server(interpreter: str) -> _ForkServer:
+    global _server
+    with _server_lock:
+        if _server is None or not _server.alive or _server.owner != os.getpid():
+            _server = _ForkServer(interpreter)
+        return _server
+
+
+def _collect(proc: _Spawned, deadline: float, cap: int, watch: Watch | None) -> tuple[bytes, bytes, str]:
     """Read both pipes to EOF, the deadline, the cap or the watch's stop; always leaves the group dead
     and reaped. With a watch, stdout lines go to it (each capped at `cap`) instead of the result."""
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
@@ -265,12 +348,9 @@ def _feed(watch: Watch, buf: bytearray, chunk: bytes, cap: int) -> str:
     return "output_limit" if len(buf) >= cap else ""
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: _Spawned) -> None:
     # Also after a clean exit: background children of the program must not linger.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    proc.kill_group()
     proc.wait()
 
 

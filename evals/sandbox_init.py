@@ -1,6 +1,7 @@
-"""Turns a fresh process into the sandbox, then runs one program in it. Started by evals/sandbox.py:
+"""Turns a fresh process into the sandbox, then runs one program in it.
 
-    python -I -S evals/sandbox_init.py '<JSON config>'      # as root (or any user, with user namespaces)
+    sandbox_init.run(cfg)        # in a child of evals/fork_server.py (how evals/sandbox.py runs it)
+    python -I -S evals/sandbox_init.py '<JSON config>'      # the same, by hand
 
 Layers, each applied only when the config names it (evals/sandbox.py probes which ones this kernel
 allows and says so):
@@ -40,8 +41,8 @@ SETUP_FAILED = 125  # exit code for "the sandbox could not be built" (the parent
 libc = ctypes.CDLL(None, use_errno=True)
 
 
-def main():
-    cfg = json.loads(sys.argv[1])
+def run(cfg: dict) -> None:
+    """Build the sandbox `cfg` describes in this process and run its program; never returns."""
     layers = set(cfg["layers"])
     try:
         if "namespaces" in layers:
@@ -171,4 +172,4 @@ def _reap_until(pid: int) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    run(json.loads(sys.argv[1]))

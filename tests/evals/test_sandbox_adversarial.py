@@ -23,8 +23,8 @@ needs_namespaces = pytest.mark.skipif(
 
 
 def _sandboxed_pids() -> list[int]:
-    """This process's sandboxes still running: sandbox_init.py with our workdir prefix (and its forks),
-    and processes of a sandbox uid that no other process's sandbox started."""
+    """This process's sandboxes still running: descendants of our fork server, and processes of a
+    sandbox uid that no other process's fork server started."""
     procs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -33,22 +33,22 @@ def _sandboxed_pids() -> list[int]:
             status = (entry / "status").read_text()
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
-            continue  # gone, or not a process
+            continue  # gone
         uid = int(status.split("\nUid:")[1].split()[0])
         ppid = int(status.split("\nPPid:")[1].split()[0])
         procs[int(entry.name)] = (ppid, uid, cmdline)
-    ours = f"r1-sandbox-{os.getpid()}-".encode()
+    ours = sandbox._server.proc.pid if sandbox._server else None
+    servers = {pid for pid, (ppid, _, cmdline) in procs.items()  # the top of each grader's sandbox tree
+               if b"fork_server.py" in cmdline and b"fork_server.py" not in procs.get(ppid, (0, 0, b""))[2]}
 
-    def foreign(pid: int) -> bool:
-        while pid in procs:
-            ppid, _, cmdline = procs[pid]
-            if b"sandbox_init.py" in cmdline:
-                return ours not in cmdline
-            pid = ppid
-        return False
+    def tree(pid: int) -> int | None:
+        while pid in procs and pid not in servers:
+            pid = procs[pid][0]
+        return pid if pid in servers else None
 
-    return [pid for pid, (_, uid, cmdline) in procs.items()
-            if ours in cmdline or (SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + UID_SLOTS and not foreign(pid))]
+    return [pid for pid, (_, uid, _) in procs.items() if pid != ours and (
+        (ours is not None and tree(pid) == ours)
+        or (SANDBOX_UID_BASE <= uid < SANDBOX_UID_BASE + UID_SLOTS and tree(pid) in (None, ours)))]
 
 
 @pytest.fixture(autouse=True)
