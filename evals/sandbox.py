@@ -5,9 +5,10 @@
     res.status, res.stdout          # ("ok", "cba\\n")
     res = run_jail("evalplus_run.py", stdin=payload, limits=..., watch=watch)   # a program of evals/jail/
 
-Every run is `python -I -S evals/sandbox_init.py` (no site-packages, no PYTHON* variables, a scrubbed
-environment: the parent's variables, API keys included, are not passed on) in its own process group,
-SIGKILLed as a group at the wall-clock deadline and after it exits, with rlimits (CPU seconds,
+Every run is evals/sandbox_init.py, forked by evals/fork_server.py (a `python -I -S` started once per
+grader process: no site-packages, no PYTHON* variables, a scrubbed environment: the parent's
+variables, API keys included, are not passed on), in its own process group, SIGKILLed as a group at
+the wall-clock deadline and after it exits, with rlimits (CPU seconds,
 address space, file size, processes, open files, no core) and stdout/stderr read to at most
 `Limits.output_bytes` each. Whatever this kernel allows (probed once, `isolation()`; the layers in
 force are logged once and named in `isolation().describe()`, which evals writes into every code
@@ -20,7 +21,8 @@ benchmark's protocol), sandbox_init.py adds:
 - slot_uid: as root, a uid of its own per concurrent slot (60000 + n), taken with flock on a lock file
   per slot, so two grader processes never share one: RLIMIT_NPROC, kill(-1) and file ownership stay
   within one run;
-- no_new_privs, and seccomp (libseccomp: no ptrace, process_vm_*, pidfd_getfd, mount, unshare, ...).
+- no_new_privs, and seccomp (libseccomp: no ptrace, process_vm_*, pidfd_getfd, mount, unshare, ...);
+  the jail programs also make themselves not dumpable before any candidate code runs.
 `RunResult.network_isolated` records whether a result came from a network-less run. Set
 R1_SANDBOX_ISOLATION=none to force the layer-less mode (rlimits and process groups only).
 """
@@ -216,7 +218,7 @@ def _launch(cfg: dict, stdin, interpreter: str) -> tuple[_Spawned, object]:
         stdin_file.seek(0)
     (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
     try:
-        proc = _fork_server(interpreter).spawn(cfg, [stdin_file.fileno(), out_w, err_w])
+        proc = _spawn(cfg, [stdin_file.fileno(), out_w, err_w], interpreter)
     except BaseException:
         stdin_file.close()
         for fd in (out_r, err_r):
@@ -271,13 +273,27 @@ class _ForkServer:
             socket.send_fds(self.conn, [json.dumps({"id": run.id, "spawn": cfg}).encode()], fds)
         return run
 
+    def stop(self) -> None:
+        with self.lock:
+            self.alive = False
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)  # the server exits; the reader ends the runs it had
+        except OSError:
+            pass
+
     def send(self, message: dict) -> None:
         with self.lock:
             if self.alive:
                 self.conn.send(json.dumps(message).encode())
 
+    def _receive(self) -> bytes:
+        try:
+            return self.conn.recv(1 << 16)
+        except OSError:
+            return b""
+
     def _read(self) -> None:
-        while (data := self.conn.recv(1 << 16)):
+        while (data := self._receive()):
             message = json.loads(data)
             with self.lock:
                 run = self.runs.pop(message["id"])
@@ -294,6 +310,16 @@ class _ForkServer:
 _server_lock = threading.Lock()
 _server: _ForkServer | None = None
 _run_ids = itertools.count()
+
+
+def _spawn(cfg: dict, fds: list[int], interpreter: str) -> _Spawned:
+    """Start a run on the fork server, on a new one if the last one died (once)."""
+    server = _fork_server(interpreter)
+    try:
+        return server.spawn(cfg, fds)
+    except OSError:
+        server.stop()
+        return _fork_server(interpreter).spawn(cfg, fds)
 
 
 def _fork_server(interpreter: str) -> _ForkServer:

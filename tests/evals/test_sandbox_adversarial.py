@@ -431,3 +431,12 @@ def test_expected_values_are_out_of_the_candidates_reach(grader, kind):
     honest = "def shout(s):\n    return 'SECRET-4f2a'\n"
     snooper, right = grader.grade([(tests, SNOOP, ""), (tests, honest, "")])
     assert right.correct and (snooper.category, snooper.passed) == ("wrong", 0), snooper
+
+
+def test_a_dead_fork_server_is_replaced():
+    assert run_program("pass", limits=SHORT).status == "ok"
+    dead = sandbox._server.proc
+    dead.kill()
+    dead.wait()
+    res = run_program("print('again')", limits=SHORT)  # at once: the reader may not have seen EOF yet
+    assert (res.status, res.stdout) == ("ok", "again\n") and sandbox._server.proc.pid != dead.pid
