@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     gpu = torch.cuda.is_available() and not args.tiny
     shape = TINY if args.tiny else QWEN25_15B
-    report = {"device": device_report(gpu), "model": shape, "attn_implementation": attention(gpu),
-              "liger": gpu and not args.no_liger and find_spec("liger_kernel") is not None, "steps": args.steps, "runs": []}
+    liger = gpu and not args.no_liger and find_spec("liger_kernel") is not None
+    report = {"device": device_report(gpu), "model": shape, "attn_implementation": attention(gpu), "liger": liger,
+              "steps": args.steps, "runs": []}
     log.info("device %s, attention %s", report["device"], report["attn_implementation"])
     # --- train: every mode at every length -----------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["runs"].append(run)
                 log.info("%s", run)
         report["ratios"] = ratios(report["runs"])
+        report["targets"] = targets(report["runs"], report["ratios"])
         # --- sample: the evals stage's in-process engine on the same model -------------------------------------
         try:
             report["engine"] = sample(shape, gpu, Path(tmp), prompts=4, tokens=8 if args.tiny else 32)
@@ -239,6 +241,22 @@ def ratios(runs: list[dict]) -> dict:
     return out
 
 
+def targets(runs: list[dict], ratios_by_length: dict) -> dict:
+    """Issue 19's targets, each true / false, or None where this check did not measure it."""
+    def run(mode, length):
+        return next((r for r in runs if r["mode"] == mode and r["tokens_per_row"] == length), None)
+
+    sft_16k, at_32k = run("sft", 16384), [r for r in runs if r["tokens_per_row"] == 32768]
+    kd = [r["sparse_kd/sft"] for r in ratios_by_length.values()]
+    lora = [r["lora/sft"] for r in ratios_by_length.values()]
+    return {
+        "sft_16k_mfu_at_least_40%": None if not sft_16k or sft_16k.get("mfu") is None else sft_16k["mfu"] >= 0.40,
+        "32k_trains_without_oom": all("result" not in r for r in at_32k) if at_32k else None,
+        "kd_step_at_most_1.25x_sft": None if None in kd or not kd else max(kd) <= 1.25,
+        "lora_faster_than_full": None if None in lora or not lora else max(lora) < 1.0,
+    }
+
+
 # ----------------------------------------------------------------------------------------- sampling
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer with one word per id of the model's vocabulary (no hub) and a chat template."""
@@ -308,6 +326,7 @@ def print_table(report: dict) -> None:
     for length, ratio in report["ratios"].items():
         print(f"{length:>8} tokens: KD/SFT step {_ratio(ratio['sparse_kd/sft'])}, LoRA/SFT step "
               f"{_ratio(ratio['lora/sft'])}, packed/SFT step {_ratio(ratio['sft_packed/sft'])}")
+    print("targets: " + ", ".join(f"{name} {value}" for name, value in report["targets"].items()))
     e = report["engine"]
     if "error" in e:
         print(f"engine failed: {e['error'][:200]}")

@@ -32,6 +32,8 @@ def test_the_tiny_check_trains_every_mode_at_every_length_and_samples(tmp_path):
         assert run["mfu"] is None  # no peak on a CPU
     assert runs[("lora", 64)]["parameters"] == runs[("sft", 64)]["parameters"]  # the base model's, 6N for both
     assert all(value > 0 for ratio in report["ratios"].values() for value in ratio.values())
+    assert report["targets"]["sft_16k_mfu_at_least_40%"] is None  # neither 16k tokens nor a peak here
+    assert isinstance(report["targets"]["kd_step_at_most_1.25x_sft"], bool)
     engine = report["engine"]
     assert engine["engine"] == "hf" and engine["prompts"] == 4 and engine["completion_tokens"] > 0
     assert "KD/SFT step" in done.stdout and "packed/SFT step" in done.stdout and "engine hf: 4 prompts" in done.stdout
