@@ -2,7 +2,7 @@
 trainers, then sampled by the evals stage's in-process engine. Under 8 minutes on one H200.
 
     python tests/gpu/check.py [--out gpu_check.json] [--lengths 4096 16384 32768] [--steps 3]
-    python tests/gpu/check.py --tiny      # the same code on a CPU: a tiny model, short examples (tests/gpu/test_check.py)
+    python tests/gpu/check.py --tiny      # the same code and settings on a CPU: a tiny model, short examples (CI)
 
 For full SFT (TRL's SFTTrainer: its fused, chunked LM head), LoRA (r 16 on every linear layer) and sparse KD
 (DistillTrainer, top-20 synthetic teacher logprobs, kd_alpha 0.5) at each length: one example per row, padding-free
@@ -128,8 +128,7 @@ def build_model(shape: dict, gpu: bool):
     torch.manual_seed(0)
     config = Qwen2Config(**shape)
     with torch.device("cuda" if gpu else "cpu"):
-        return Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16 if gpu else torch.float32,
-                                             attn_implementation=attention(gpu))
+        return Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation=attention(gpu))
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -208,8 +207,8 @@ def make_trainer(mode, model, length, shape, steps, gpu, report, out: Path):
 
     packing = mode == "sft_packed"
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=1, max_steps=1 + steps, learning_rate=1e-5,
-                     padding_free=True, packing=packing, max_length=length if packing else None, bf16=gpu,
-                     use_cpu=not gpu, gradient_checkpointing=gpu, use_liger_kernel=report["liger"],
+                     padding_free=True, packing=packing, max_length=length if packing else None, bf16=True,
+                     use_cpu=not gpu, gradient_checkpointing=True, use_liger_kernel=report["liger"],
                      liger_kernel_config={"fused_linear_cross_entropy": False} if report["liger"] else None,
                      save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=0)
     per_row = PACKED if packing else 1
