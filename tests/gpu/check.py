@@ -6,8 +6,9 @@ trainers, then sampled by the evals stage's in-process engine. Under 8 minutes o
 
 For full SFT (TRL's SFTTrainer: its fused, chunked LM head), LoRA (r 16 on every linear layer) and sparse KD
 (DistillTrainer, top-20 synthetic teacher logprobs, kd_alpha 0.5) at each length: one example per row, padding-free
-(position ids, no mask), bf16, gradient checkpointing, Liger's layer kernels and flash attention where installed
-(else sdpa); and sft_packed: rows of the same length holding 4 examples (TRL's bfd packing, position ids
+(position ids, no mask), bf16, gradient checkpointing (TRL's selective one by default: each layer's attention
+output is kept, the rest recomputed; the 6N MFU below counts no recomputation), Liger's layer kernels and flash
+attention where installed (else sdpa); and sft_packed: rows of the same length holding 4 examples (TRL's bfd packing, position ids
 restarting per example). Per run: step time (the median of `--steps` steps after one warm-up step), tokens/s, MFU
 = 6 x parameters x tokens / step time / the GPU's dense bf16 peak (PEAK_TFLOPS; for LoRA the same 6N convention),
 peak memory, and per length the KD/SFT, LoRA/SFT and packed/SFT step-time ratios. A run out of memory is recorded
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = TINY if args.tiny else QWEN25_15B
     liger = gpu and not args.no_liger and find_spec("liger_kernel") is not None
     report = {"device": device_report(gpu), "model": shape, "attn_implementation": attention(gpu), "liger": liger,
-              "steps": args.steps, "runs": []}
+              "checkpointing": args.checkpointing, "steps": args.steps, "runs": []}
     log.info("device %s, attention %s", report["device"], report["attn_implementation"])
     # --- train: every mode at every length -----------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,6 +96,9 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after one warm-up")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--no-liger", action="store_true", help="leave Liger's kernels off even where installed")
+    parser.add_argument("--checkpointing", choices=("selective", "full", "none"), default="selective",
+                        help="gradient checkpointing: TRL's selective one (keeps each layer's attention output, "
+                        "recomputes the rest), full, or none")
     args = parser.parse_args(argv)
     args.lengths = args.lengths or ([64, 256] if args.tiny else [4096, 16384, 32768])
     return args
@@ -208,7 +212,9 @@ def make_trainer(mode, model, length, shape, steps, gpu, report, out: Path):
     packing = mode == "sft_packed"
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=1, max_steps=1 + steps, learning_rate=1e-5,
                      padding_free=True, packing=packing, max_length=length if packing else None, bf16=True,
-                     use_cpu=not gpu, gradient_checkpointing=True, use_liger_kernel=report["liger"],
+                     use_cpu=not gpu, gradient_checkpointing=report["checkpointing"] != "none",
+                     gradient_checkpointing_kwargs={"selective": report["checkpointing"] == "selective"},
+                     use_liger_kernel=report["liger"],
                      liger_kernel_config={"fused_linear_cross_entropy": False} if report["liger"] else None,
                      save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=0)
     per_row = PACKED if packing else 1
@@ -312,7 +318,7 @@ def sample(shape: dict, gpu: bool, tmp: Path, prompts: int, tokens: int) -> dict
 def print_table(report: dict) -> None:
     device = report["device"]
     print(f"\n{device['name']} (peak {device['peak_tflops']} TFLOP/s bf16), attention {report['attn_implementation']},"
-          f" liger {report['liger']}")
+          f" liger {report['liger']}, checkpointing {report['checkpointing']}")
     print(f"{'mode':<11}{'row':>8}{'examples':>10}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for r in report["runs"]:
         head = f"{r['mode']:<11}{r['tokens_per_row']:>8}{r['examples_per_row']:>10}"

@@ -23,6 +23,7 @@ def test_the_tiny_check_trains_every_mode_at_every_length_and_samples(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"]["name"] == "cpu" and report["attn_implementation"] == "sdpa"
+    assert report["checkpointing"] == "selective"  # TRL's selective checkpointing, as on a GPU
     runs = {(r["mode"], r["tokens_per_row"]): r for r in report["runs"]}
     assert set(runs) == {(mode, length) for mode in MODES for length in (64, 256)}
     for run in runs.values():
