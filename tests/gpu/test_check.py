@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tests.gpu.check import MODES, QWEN25_15B, peak_tflops
+from tests.gpu.check import MODES, QWEN25_15B, attention_flops, mfu, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,3 +53,6 @@ def test_the_student_has_qwen2_5_1_5b_s_shape():
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_15B))
     assert model.num_parameters() == 1_543_714_304  # Qwen2.5-1.5B's count, tied embeddings once
+    # at 16k tokens causal attention adds 46% to 6N's FLOPs; 6N x tokens per second at the peak is MFU 1
+    assert attention_flops(QWEN25_15B, 16384) / (6 * 1_543_714_304) == pytest.approx(0.456, abs=1e-3)
+    assert mfu(1_543_714_304, 16384, 6 * 1_543_714_304 * 16384 / 989e12, 989) == 1.0
