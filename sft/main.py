@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         training_args.max_length = None if training_args.padding_free and not training_args.packing else max_length
         # --- train (resuming from the last checkpoint) -----------------------------------------------------
         trainer = build_trainer(args, training_args, model_args, tokenizer, dataset)
+        last = last_checkpoint(training_args.output_dir)
+        start = time.monotonic()
+        result = trainer.train(resume_from_checkpoint=last)  # kd: on_policy's teacher server can fail mid-run
     except ConfigError as e:  # a setting or the data, named; anything else is a bug and keeps its traceback
         log.error("%s", e)
         return 2
-    last = last_checkpoint(training_args.output_dir)
-    start = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=last)
     # --- save and report ------------------------------------------------------------------------------------
     out = Path(training_args.output_dir)
     if args.qat != "none":
@@ -142,6 +142,10 @@ def load_tokenizer(model_args):
 def prepare(dataset, tokenizer, template: str, args, whole: bool = False):
     """input_ids + labels (-100 outside the assistant's tokens unless `whole`) + length; KD adds the teacher's
     top-k."""
+    if args.kd == "on_policy":
+        from sft.on_policy import prepare_on_policy
+
+        return prepare_on_policy(dataset, tokenizer, template, args.chat_template_kwargs)
     if args.kd == "sparse":
         from sft.kd_data import prepare_kd_dataset
         from sft.teacher import check_same_tokenizer
@@ -189,6 +193,10 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
         prepare_qat(model, args.qat)
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                   peft_config=peft_config)
+    if args.kd == "on_policy":
+        from sft.on_policy import build_on_policy_trainer
+
+        return build_on_policy_trainer(args, common, tokenizer, dtype, training_args.output_dir)
     in_process = args.kd == "online" or args.feature_weight > 0 or args.attention_weight > 0
     if args.kd == "none" and not in_process:
         return SFTTrainer(**common)
@@ -225,7 +233,7 @@ def write_metrics(out: Path, trainer, result, examples: int, dropped: int, max_l
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     losses = [h["loss"] for h in history if "loss" in h]
     last = next((h for h in reversed(history) if "loss" in h), {})
-    parts = {name: last[name] for name in ("ce", "kd", "feature", "attention", "kd_temperature") if name in last}
+    parts = {name: last[name] for name in ("ce", "kd", "kd_on_policy", "feature", "attention", "kd_temperature") if name in last}
     metrics = {
         "examples": examples, "dropped_long": dropped, "max_length": max_length,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,

@@ -51,7 +51,7 @@ class DistillTrainer(SFTTrainer):
         teachers = [] if teacher_model is None else list(teacher_model) if isinstance(teacher_model, list) \
             else [teacher_model]
         wants_teacher = distill.kd == "online" or distill.feature_weight > 0 or distill.attention_weight > 0
-        if distill.kd not in ("none", "sparse", "online") or wants_teacher != bool(teachers):
+        if distill.kd not in ("none", "sparse", "online", "on_policy") or wants_teacher != bool(teachers):
             raise ValueError(f"DistillTrainer: kd {distill.kd!r}, feature_weight {distill.feature_weight}, "
                              f"attention_weight {distill.attention_weight} with {len(teachers)} teacher model(s): "
                              "kd: online and feature/attention alignment take in-process teachers, kd: sparse "
