@@ -130,6 +130,9 @@ def test_what_cannot_keep_examples_apart_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="^packing_strategy: 'wrapped'"):
         check_with_training_args(distill, training_args(tmp_path, packing=True, packing_strategy="wrapped",
                                                         max_length=64))
+    on_policy = DistillArguments(dataset="unused", kd="on_policy", teacher_model="t")
+    with pytest.raises(ConfigError, match="^packing / padding_free: kd: on_policy"):
+        check_with_training_args(on_policy, training_args(tmp_path, packing=True, max_length=64))
     aligned = DistillArguments(dataset="unused", kd="online", teacher_model="t", attention_weight=1.0)
     with pytest.raises(ConfigError, match="^attention_weight:"):
         check_with_training_args(aligned, training_args(tmp_path, padding_free=True))
