@@ -13,7 +13,8 @@ of the curated prompts and a served (vLLM) or in-process teacher scores those to
 `qat: int8|int4|w8a8` the student trains through torchao's fake quantization and <output_dir>/quantized/ gets the
 converted model (sft/qat.py). `python -m sft.prune` makes a student by pruning a teacher (sft/prune.py). Writes
 <output_dir>/ (model or adapter, tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json.
-Rerunning resumes from the last checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
+Rerunning resumes from the last checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted
+(rerun to resume).
 """
 
 import json
