@@ -1,5 +1,5 @@
-"""What every stage's command line shares: one parser for `--config file.yaml` plus `--field value` flags, and
-the two errors that end a run with exit 2 and a one-line message.
+"""What every stage's command line shares: one parser for `--config file.yaml` plus `--field value` flags, the
+two errors that end a run with exit 2 and a one-line message, and how a command runs (`run_command`).
 
     from data.config import ConfigError, InputError, parse_config
     (cfg,) = parse_config([TracegenConfig], argv, prog="python -m tracegen")
@@ -25,7 +25,9 @@ the contracts between the stages (README.md).
 import dataclasses
 import enum
 import json
+import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -127,6 +129,25 @@ def save_config(path: Path, values: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- mechanics
+
+
+def run_command(main, stage: str, interrupted: str, quiet_loggers: tuple[str, ...] = ()) -> None:
+    """`python -m <stage>`: logs to stderr, a batch scheduler's SIGTERM handled as Ctrl-C, and on either a warning
+    saying what an interrupted run keeps (`interrupted`), exit 130. Exits with main()'s return code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        logging.getLogger(stage).warning("interrupted; %s", interrupted)
+        sys.exit(130)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _raise(error: Exception):

@@ -8,6 +8,8 @@ Derived here instead of TRL's defaults (each logged when it applies): max_length
 """
 
 import logging
+import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,8 @@ from data.config import ConfigError, config_file, json_dict
 from data.config import parse_config as parse
 
 log = logging.getLogger(__name__)
-KD_MODES = ("none", "sparse", "online")
+KD_MODES = ("none", "sparse", "online", "on_policy")
+ON_POLICY_LOSSES = ("reverse", "forward")
 DIVERGENCES = ("forward", "reverse", "jsd")
 QAT_SCHEMES = ("none", "int8", "int4", "w8a8")  # sft/qat.py
 
@@ -44,7 +47,9 @@ class DistillArguments:
     kd: str = _help(
         "Logit distillation: none; sparse (the teacher's top-k logprobs stored by tracegen, with the mass outside "
         "them as one more outcome: they are the raw model distribution at temperature 1, vLLM's default, not the "
-        "sampled one at the trace's temperature / top_p); online (an in-process teacher_model's full logits).",
+        "sampled one at the trace's temperature / top_p); online (an in-process teacher_model's full logits); on_policy "
+        "(the student samples completions of the curated prompts and the teacher scores those tokens: a served "
+        "teacher, teacher_base_url or teacher_serve_model, or the in-process teacher_model; sft/on_policy.py).",
         default="none")
     kd_alpha: float = _help("Weight of cross-entropy; 1 - kd_alpha weighs the KD term.", default=0.5)
     kd_temperature: float = _help(
@@ -61,6 +66,34 @@ class DistillArguments:
         "student's must equal (default: every teacher_model of the dataset).", default=None)
     kd_divergence: str = _help("online: forward, reverse or jsd (sparse: forward KL only).", default="forward")
     kd_jsd_beta: float = _help("online jsd: the mixture weight beta, in (0, 1).", default=0.5)
+    # --- kd: on_policy (sft/on_policy.py) ------------------------------------------------------------------
+    teacher_base_url: list[str] | str | None = _help(
+        "on_policy: the served teacher, one vLLM OpenAI-compatible base URL or a list (balanced), as tracegen's "
+        "base_url; it scores token ids through /v1/completions prompt_logprobs. teacher_model names its tokenizer.",
+        default=None)
+    teacher_serve_model: str | None = _help(
+        "on_policy: instead of teacher_base_url, a teacher model directory that is served with vLLM for the run "
+        "(a managed server, as tracegen's serve_model).", default=None)
+    teacher_serve_args: list[str] | str | None = _help(
+        'on_policy: extra arguments of the managed teacher server, e.g. "--max-model-len 4096 --max-logprobs 20".',
+        default=None)
+    teacher_api_key_env: str | None = _help(
+        "on_policy: the environment variable holding the teacher server's API key (never stored or shown).",
+        default=None)
+    on_policy_loss: str = _help(
+        "on_policy: reverse (the default: per-token reverse KL on the sampled token, teacher logprob minus the "
+        "student's, as Qwen3 / Tinker / TRL do it) or forward (the K+1-bucket forward KL of kd: sparse over the "
+        "teacher's top-k of the student's tokens). Curated batches always use the forward KL.", default="reverse")
+    on_policy_lambda: float = _help(
+        "on_policy: GKD's lambda, the share of batches whose completions the student samples; the others keep the "
+        "curated completion and train on cross-entropy plus the forward KL to the teacher's scores.", default=0.5)
+    on_policy_top_k: int = _help(
+        "on_policy: the teacher's k most likely tokens scored at every completion position (plus the sampled "
+        "one); a served teacher needs --max-logprobs >= k (vLLM's default is 20).", default=20)
+    on_policy_max_new_tokens: int | None = _help(
+        "on_policy: the most tokens the student samples per completion. Default: the longest curated completion.",
+        default=None)
+    on_policy_temperature: float = _help("on_policy: the student's sampling temperature.", default=1.0)
     qat: str = _help("Quantization-aware training (sft/qat.py): none, int8, int4 or w8a8. The student trains "
                      "through torchao's fake quantization; <output_dir>/quantized/ gets the converted model.",
                      default="none")
@@ -124,6 +157,7 @@ class DistillArguments:
         if self.kd == "online" and not self.teacher_model and not self.teacher_models:
             raise ConfigError("teacher_model: required with kd: online (the local teacher model)")
         self.feature_layers = check_beyond_logits(self)
+        check_on_policy(self)
 
 
 def check_beyond_logits(args: DistillArguments) -> dict[int, int] | None:
@@ -163,6 +197,43 @@ def check_beyond_logits(args: DistillArguments) -> dict[int, int] | None:
     return _layer_map(args.feature_layers)
 
 
+def check_on_policy(args: DistillArguments) -> None:
+    """kd: on_policy's teacher and sampling settings (and that they are not set for another mode)."""
+    if isinstance(args.teacher_serve_args, str):
+        args.teacher_serve_args = shlex.split(args.teacher_serve_args)
+    if isinstance(args.teacher_base_url, str):
+        args.teacher_base_url = [args.teacher_base_url]
+    served = [name for name in ("teacher_base_url", "teacher_serve_model") if getattr(args, name)]
+    if args.kd != "on_policy":
+        if served:
+            raise ConfigError(f"{served[0]}: a served teacher is for kd: on_policy, not kd: {args.kd}")
+        return
+    if len(served) > 1:
+        raise ConfigError("teacher_base_url / teacher_serve_model: set one (a teacher server to use, or a teacher "
+                          "model to serve)")
+    if not served and not args.teacher_model:
+        raise ConfigError("teacher_model: kd: on_policy needs a teacher: teacher_base_url (a vLLM server), "
+                          "teacher_serve_model (a model to serve) or teacher_model (in process)")
+    if args.teacher_base_url and not args.teacher_model:
+        raise ConfigError("teacher_model: required with teacher_base_url: the teacher's model directory or hub "
+                          "name, whose tokenizer the student's must equal")
+    if args.feature_weight or args.attention_weight:
+        raise ConfigError("feature_weight / attention_weight: not with kd: on_policy (they align with an "
+                          "in-process teacher on fixed sequences)")
+    if args.on_policy_loss not in ON_POLICY_LOSSES:
+        raise ConfigError(f"on_policy_loss: {args.on_policy_loss!r} is not one of: {', '.join(ON_POLICY_LOSSES)}")
+    if not 0.0 <= args.on_policy_lambda <= 1.0:
+        raise ConfigError(f"on_policy_lambda: must be in [0, 1], got {args.on_policy_lambda}")
+    if args.on_policy_top_k < 1:
+        raise ConfigError(f"on_policy_top_k: must be >= 1, got {args.on_policy_top_k}")
+    if args.on_policy_max_new_tokens is not None and args.on_policy_max_new_tokens < 1:
+        raise ConfigError(f"on_policy_max_new_tokens: must be >= 1, got {args.on_policy_max_new_tokens}")
+    if args.on_policy_temperature <= 0:
+        raise ConfigError(f"on_policy_temperature: must be > 0, got {args.on_policy_temperature}")
+    if args.teacher_api_key_env and args.teacher_api_key_env not in os.environ:
+        raise ConfigError(f"teacher_api_key_env: environment variable {args.teacher_api_key_env} is not set")
+
+
 def _layer_map(value) -> dict[int, int] | None:
     """feature_layers as {student layer: teacher layer}, from a mapping, JSON, or 's:t,s:t'."""
     if value is None or isinstance(value, dict) and not value:
@@ -184,10 +255,16 @@ def _layer_map(value) -> dict[int, int] | None:
 
 
 def check_with_training_args(args: DistillArguments, training_args) -> None:
-    """The settings of SFTConfig that KD cannot honour."""
-    if args.kd != "none" and (training_args.packing or training_args.padding_free):
-        raise ConfigError("packing / padding_free: not supported with kd (the teacher's per-position logprobs and the "
-                          "KD loss work on one sequence per row); set packing: false")
+    """The settings of SFTConfig that the distillation settings cannot honour (packing: sft/packing.py)."""
+    from sft.packing import check_packing_settings
+
+    if args.kd == "on_policy" and training_args.eval_strategy != "no":
+        raise ConfigError("eval_strategy: kd: on_policy trains without an eval set (the student's samples are "
+                          "scored per training step); set eval_strategy: no and score the student with evals")
+    if args.kd == "on_policy" and (training_args.packing or training_args.padding_free):
+        raise ConfigError("packing / padding_free: kd: on_policy trains on the student's own samples, one per row; "
+                          "set packing: false and padding_free: false")
+    check_packing_settings(training_args, args)
 
 
 def parse_config(argv: list[str] | None = None):

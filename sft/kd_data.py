@@ -222,11 +222,18 @@ def _dedupe(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarr
 @dataclass
 class KDCollator:
     """Pads a batch of prepare_kd_dataset examples: input_ids/attention_mask/labels [B, T], the teacher's top-k
-    [B, T, K] (ids -1, logprobs -inf where there is none; logprobs as float32) and rest [B, T] (-inf pads)."""
+    [B, T, K] (ids -1, logprobs -inf where there is none; logprobs as float32) and rest [B, T] (-inf pads).
+    padding_free: one row [1, N] of every example's tokens (packed rows' `seq_lengths` name the examples inside
+    them), no attention mask, position_ids restarting per example and the varlen kwargs of TRL's collator."""
 
     pad_token_id: int
+    padding_free: bool = False
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._padded(examples)
+        return _flattened(batch, examples) if self.padding_free else batch
+
+    def _padded(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(e["input_ids"]) for e in examples)
         width = max(max((len(r) for r in e["teacher_top_ids"]), default=0) for e in examples)
         batch = {
@@ -256,3 +263,21 @@ class KDCollator:
             batch["teacher_rest_logprobs"][i, :n] = torch.as_tensor(np.asarray(e["teacher_rest_logprobs"],
                                                                                dtype=np.float32))
         return batch
+
+
+def _flattened(batch: dict[str, torch.Tensor], examples: list[dict]) -> dict[str, torch.Tensor]:
+    """The padded batch as one padding-free row, with TRL's position ids and sequence boundaries."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    keep = batch.pop("attention_mask").bool()
+    flat = {name: value[keep][None] for name, value in batch.items()}
+    lengths = [e.get("seq_lengths") or [len(e["input_ids"])] for e in examples]
+    positions = torch.cat(DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(lengths))[None]
+    flat["labels"][positions == 0] = -100  # no position predicts the first token of the next example
+    starts = (positions[0] == 0).nonzero().flatten()
+    cu_seq_lens = torch.cat([starts, torch.tensor([positions.shape[1]])]).to(torch.int32)
+    flat["position_ids"] = positions
+    flat["cu_seq_lens_q"] = flat["cu_seq_lens_k"] = cu_seq_lens
+    flat["max_length_q"] = flat["max_length_k"] = int(cu_seq_lens.diff().max())
+    flat["seq_idx"] = torch.repeat_interleave(torch.arange(len(starts), dtype=torch.int32), cu_seq_lens.diff())[None]
+    return flat

@@ -8,11 +8,13 @@ included (TRL's own default for conversations; it teaches a model trained from s
 With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs, with `kd: online` to a local teacher's
 full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart); `feature_weight` / `attention_weight` add
 hidden-state and attention alignment with an in-process teacher (sft/features.py), and `kd_temperature_schedule`
-moves the KD temperature over training (sft/schedule.py). With `qat: int8|int4|w8a8` the student trains through
-torchao's fake quantization and <output_dir>/quantized/ gets the converted model (sft/qat.py). `python -m
-sft.prune` makes a student by pruning a teacher (sft/prune.py). Writes <output_dir>/ (model or adapter,
-tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
-checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
+moves the KD temperature over training (sft/schedule.py). With `kd: on_policy` the student samples completions
+of the curated prompts and a served (vLLM) or in-process teacher scores those tokens (sft/on_policy.py). With
+`qat: int8|int4|w8a8` the student trains through torchao's fake quantization and <output_dir>/quantized/ gets the
+converted model (sft/qat.py). `python -m sft.prune` makes a student by pruning a teacher (sft/prune.py). Writes
+<output_dir>/ (model or adapter, tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json.
+Rerunning resumes from the last checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted
+(rerun to resume).
 """
 
 import json
@@ -27,6 +29,7 @@ import yaml
 from data.config import ConfigError
 from sft.config import check_with_training_args, parse_config
 from sft.data import fit_lengths, load_curated, tokenize, training_template
+from sft.packing import check_attention
 
 log = logging.getLogger("sft")
 
@@ -44,16 +47,18 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_curated(args.dataset, args.dataset_split)
         dataset = prepare(dataset, tokenizer, template, args, whole_conversation(args, training_args, set_by_user))
         max_length = None if "max_length" not in set_by_user else training_args.max_length
-        dataset, training_args.max_length, dropped = fit_lengths(dataset, max_length, args.drop_long)
+        dataset, max_length, dropped = fit_lengths(dataset, max_length, args.drop_long)
         dataset = dataset.remove_columns("length")
+        # the lengths are checked: padding-free rows without packing are as long as their examples (TRL wants None)
+        training_args.max_length = None if training_args.padding_free and not training_args.packing else max_length
         # --- train (resuming from the last checkpoint) -----------------------------------------------------
         trainer = build_trainer(args, training_args, model_args, tokenizer, dataset)
+        last = last_checkpoint(training_args.output_dir)
+        start = time.monotonic()
+        result = trainer.train(resume_from_checkpoint=last)  # kd: on_policy's teacher server can fail mid-run
     except ConfigError as e:  # a setting or the data, named; anything else is a bug and keeps its traceback
         log.error("%s", e)
         return 2
-    last = last_checkpoint(training_args.output_dir)
-    start = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=last)
     # --- save and report ------------------------------------------------------------------------------------
     out = Path(training_args.output_dir)
     if args.qat != "none":
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         save_converted(out, args.qat)
     if args.merge:
         save_merged(trainer.model, tokenizer, out / "merged")
-    metrics = write_metrics(out, trainer, result, len(dataset), dropped, training_args.max_length,
+    metrics = write_metrics(out, trainer, result, len(dataset), dropped, max_length,
                             time.monotonic() - start, resumed_from=last)
     log.info("done: %d examples, last logged loss %s (mean over the run %.4f), %.0f tokens/s -> %s",
              metrics["examples"], _fmt(metrics["last_logged_loss"]), metrics["train_loss"], metrics["tokens_per_s"], out)
@@ -89,6 +94,25 @@ def derive_defaults(training_args, set_by_user: set[str]) -> None:
     for name in ("bf16", "gradient_checkpointing"):
         if name in set_by_user:
             log.info("%s: %s (set; derived default: %s)", name, getattr(training_args, name), gpu)
+    derive_liger(training_args, set_by_user, gpu)
+
+
+def derive_liger(training_args, set_by_user: set[str], gpu: bool) -> None:
+    """The CE path never builds [tokens, vocabulary] logits either way (TRL's fused, chunked LM head; the KD
+    losses' own chunks); on a GPU, Liger's layer kernels (RMSNorm, RoPE, SwiGLU) come on where liger-kernel is
+    installed (TRL keeps Liger's fused cross-entropy off: its own fused head does that part)."""
+    from transformers.utils import is_liger_kernel_available
+
+    if "use_liger_kernel" in set_by_user:
+        return
+    installed = is_liger_kernel_available()
+    training_args.use_liger_kernel = gpu and installed
+    if training_args.use_liger_kernel and training_args.liger_kernel_config is None:
+        # transformers applies Liger before TRL turns its fused CE off; the losses never call that forward anyway
+        training_args.liger_kernel_config = {"fused_linear_cross_entropy": False}
+    why = "no GPU" if not gpu else f"liger-kernel is {'' if installed else 'not '}installed"
+    log.info("use_liger_kernel: %s (derived: %s); CE runs through TRL's fused, chunked LM head either way",
+             training_args.use_liger_kernel, why)
 
 
 def whole_conversation(args, training_args, set_by_user: set[str]) -> bool:
@@ -120,6 +144,10 @@ def load_tokenizer(model_args):
 def prepare(dataset, tokenizer, template: str, args, whole: bool = False):
     """input_ids + labels (-100 outside the assistant's tokens unless `whole`) + length; KD adds the teacher's
     top-k."""
+    if args.kd == "on_policy":
+        from sft.on_policy import prepare_on_policy
+
+        return prepare_on_policy(dataset, tokenizer, template, args.chat_template_kwargs)
     if args.kd == "sparse":
         from sft.kd_data import prepare_kd_dataset
         from sft.teacher import check_same_tokenizer
@@ -156,6 +184,7 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
                                                      dtype=dtype, attn_implementation=model_args.attn_implementation)
     except OSError as e:
         raise ConfigError(f"model_name_or_path: cannot load {model_args.model_name_or_path!r}: {e}") from None
+    check_attention(training_args, model)
     peft_config = get_peft_config(model_args)
     if args.qat != "none":
         if peft_config is not None:
@@ -166,6 +195,10 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
         prepare_qat(model, args.qat)
     common = dict(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
                   peft_config=peft_config)
+    if args.kd == "on_policy":
+        from sft.on_policy import build_on_policy_trainer
+
+        return build_on_policy_trainer(args, common, tokenizer, dtype, training_args.output_dir)
     in_process = args.kd == "online" or args.feature_weight > 0 or args.attention_weight > 0
     if args.kd == "none" and not in_process:
         return SFTTrainer(**common)
@@ -202,7 +235,7 @@ def write_metrics(out: Path, trainer, result, examples: int, dropped: int, max_l
     tokens = next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), None)
     losses = [h["loss"] for h in history if "loss" in h]
     last = next((h for h in reversed(history) if "loss" in h), {})
-    parts = {name: last[name] for name in ("ce", "kd", "feature", "attention", "kd_temperature") if name in last}
+    parts = {name: last[name] for name in ("ce", "kd", "kd_on_policy", "feature", "attention", "kd_temperature") if name in last}
     metrics = {
         "examples": examples, "dropped_long": dropped, "max_length": max_length,
         "global_step": trainer.state.global_step, "train_loss": result.training_loss,

@@ -24,13 +24,12 @@ RMSNorm); others are refused.
 import json
 import logging
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from data.config import ConfigError
+from data.config import ConfigError, run_command
 from data.config import parse_config as parse
 
 log = logging.getLogger("sft.prune")
@@ -412,6 +411,4 @@ def lm_loss(model, batches) -> float:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    sys.exit(main())
+    run_command(main, "sft.prune", "nothing was written to output_dir")

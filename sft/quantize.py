@@ -28,13 +28,12 @@ import logging
 import math
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from data.config import ConfigError, parse_config
+from data.config import ConfigError, parse_config, run_command
 
 log = logging.getLogger("sft.quantize")
 SCHEMES = ("int8", "int4", "w8a8", "fp8")
@@ -374,6 +373,4 @@ def log_summary(summary: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    sys.exit(main())
+    run_command(main, "sft.quantize", "nothing was written to output_dir")

@@ -33,8 +33,11 @@ from sft.config import DistillArguments
 from sft.heads import check_output_head, output_head
 from sft.kd_data import KD_COLUMNS, KDCollator
 from sft.losses import DIVERGENCE_BETA, online_divergence, sparse_kd_loss
+from sft.packing import pack_kd, packed
 from sft.schedule import temperature_at
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                  "max_length_k", "seq_idx")
 PROJECTION_FILE = "feature_projection.pt"  # in checkpoint-*/ beside optimizer.pt: training state, not the model
 
 
@@ -48,14 +51,26 @@ class DistillTrainer(SFTTrainer):
         teachers = [] if teacher_model is None else list(teacher_model) if isinstance(teacher_model, list) \
             else [teacher_model]
         wants_teacher = distill.kd == "online" or distill.feature_weight > 0 or distill.attention_weight > 0
-        if distill.kd not in ("none", "sparse", "online") or wants_teacher != bool(teachers):
+        if distill.kd not in ("none", "sparse", "online", "on_policy") or wants_teacher != bool(teachers):
             raise ValueError(f"DistillTrainer: kd {distill.kd!r}, feature_weight {distill.feature_weight}, "
                              f"attention_weight {distill.attention_weight} with {len(teachers)} teacher model(s): "
                              "kd: online and feature/attention alignment take in-process teachers, kd: sparse "
                              "alone reads the teacher from the batch")
+        training_args = kwargs["args"]
+        packed_here = distill.kd == "sparse" and packed(training_args)  # TRL's packing would drop the top-k columns
+        if packed_here and training_args.packing:
+            kwargs["train_dataset"] = pack_kd(kwargs["train_dataset"], training_args, ("input_ids", "labels",
+                                                                                       *KD_COLUMNS))
         if distill.kd == "sparse" and kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = KDCollator(pad_token_id=kwargs["processing_class"].pad_token_id)
-        super().__init__(*args, **kwargs)
+            kwargs["data_collator"] = KDCollator(pad_token_id=kwargs["processing_class"].pad_token_id,
+                                                 padding_free=packed_here)
+        flags = training_args.packing, training_args.padding_free
+        if packed_here:  # packed above and flattened by our collator: TRL is told a plain dataset comes in
+            training_args.packing = training_args.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            training_args.packing, training_args.padding_free = flags
         self.distill = distill
         self.teachers = [self._prepare_teacher(t) for t in teachers]
         self.teacher_model = self.teachers[0] if self.teachers else None
@@ -118,7 +133,7 @@ class DistillTrainer(SFTTrainer):
         self._add_to_window(mode, parts, tokens, inputs)
         if return_outputs:  # the logits, for compute_metrics, cost one more forward (like SFTTrainer's)
             with torch.no_grad():
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+                outputs = model(**model_inputs(inputs))
             return loss, outputs
         return loss
 
@@ -254,8 +269,9 @@ class DistillTrainer(SFTTrainer):
         for name, value in zip([*names, "tokens"], sums, strict=True):
             window[name] = window.get(name, 0.0) + value
         if mode == "train":  # the tokens-seen counter SFTTrainer keeps, for comparable logs
-            self._total_train_tokens += self.accelerator.gather_for_metrics(
-                inputs["attention_mask"].sum().reshape(1)).sum().item()
+            mask = inputs.get("attention_mask")
+            seen = torch.as_tensor(inputs["input_ids"].numel(), device=tokens.device) if mask is None else mask.sum()
+            self._total_train_tokens += self.accelerator.gather_for_metrics(seen.reshape(1)).sum().item()
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -272,7 +288,13 @@ class DistillTrainer(SFTTrainer):
 
 def _backbone(lm, inputs):
     """The backbone's outputs (final normed hidden states: everything but the LM head) of a causal LM."""
-    return lm.base_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+    return lm.base_model(**model_inputs(inputs), use_cache=False)
+
+
+def model_inputs(inputs) -> dict:
+    """What the model reads from a batch: ids, the padding mask, or a padding-free row's positions and boundaries
+    (sft/packing.py; the teacher sees the same row with the same position ids)."""
+    return {name: inputs[name] for name in MODEL_INPUTS if inputs.get(name) is not None}
 
 
 def _redirect_forward(wrapper, module, method, *args):

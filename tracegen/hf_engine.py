@@ -44,6 +44,7 @@ class HfEngine:
         # generate() takes one num_return_sequences; repeating each prompt n times allows mixed n
         repeated = [t for t, n in zip(texts, counts, strict=True) for _ in range(n)]
         batch = self.tokenizer(repeated, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(self.model.device)  # a model loaded onto a GPU (engine_kwargs {device_map: cuda})
         with self.torch.no_grad():
             out = self.model.generate(
                 **batch, do_sample=self.cfg.temperature > 0, temperature=self.cfg.temperature or None,
@@ -75,7 +76,8 @@ class HfEngine:
             logits = self.torch.stack([step[row] for step in out.logits[: len(ids)]]).float()
             logprobs = self.torch.log_softmax(logits, dim=-1)
             top = logprobs.topk(k, dim=-1)
-            sample.logprobs = logprobs.gather(1, self.torch.tensor(ids).unsqueeze(1)).squeeze(1).tolist()
+            sampled = self.torch.tensor(ids, device=logprobs.device)
+            sample.logprobs = logprobs.gather(1, sampled.unsqueeze(1)).squeeze(1).tolist()
             sample.top_ids, sample.top_logprobs = top.indices.tolist(), top.values.tolist()
             # the mass outside the top-k summed over those tokens themselves: exact even when it is 1e-30
             sample.rest_logprobs = logprobs.scatter(1, top.indices, -float("inf")).logsumexp(-1).tolist()

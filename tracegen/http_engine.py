@@ -5,6 +5,8 @@ Retry-After), least-busy balancing across them, and per-request retries with exp
 jitter on 429, 5xx, dropped connections, timeouts and malformed bodies. A request that still fails becomes
 samples with `error` set; `finish_reason` "length"/"repetition" are outcomes, never retried. Error texts
 carry the server's message with every secret replaced by *** (tracegen/secrets.py): a server may echo the key.
+`prompt_logprobs` scores given token ids through /v1/completions (the teacher of sft's kd: on_policy) with the
+same retries and balancing (`call`), raising RequestFailed instead of recording a failed sample.
 """
 
 import asyncio
@@ -35,6 +37,14 @@ class MalformedResponse(Exception):
     pass
 
 
+class RequestFailed(Exception):
+    """A request that still failed when its retries were spent (or at once, on a status no retry can fix)."""
+
+    def __init__(self, error: str, attempts: int):
+        super().__init__(error)
+        self.error, self.attempts = error, attempts
+
+
 class HttpEngine:
     def __init__(self, cfg, clients: list[openai.AsyncOpenAI]):
         self.cfg = cfg
@@ -45,15 +55,38 @@ class HttpEngine:
     async def generate(self, messages: list[dict], n: int) -> Response:
         """n samples for one prompt, with retries; never raises for a per-request failure."""
         body = self._body(messages, n)
-        start, last, error = time.monotonic(), None, None
+        start = time.monotonic()
+
+        async def send(client):
+            raw = await client.chat.completions.with_raw_response.create(**body)
+            return parse_response(raw.content, n, self.cfg.top_logprobs, self.cfg.max_tokens)
+
+        try:
+            response, attempts = await self.call(send)
+        except RequestFailed as e:
+            return self.failed(n, e.error, attempts=e.attempts, latency_s=time.monotonic() - start)
+        response.latency_s, response.attempts = time.monotonic() - start, attempts
+        return response
+
+    async def prompt_logprobs(self, token_ids: list[int], k: int) -> list[dict | None]:
+        """vLLM's `prompt_logprobs` of a token-id prompt (position 0: None; then {token id: {logprob, rank}}: the k
+        most likely tokens and the prompt's own), from /v1/completions, with the retries of `call` (which raises)."""
+        async def send(client):
+            raw = await client.completions.with_raw_response.create(
+                model=self.cfg.model, prompt=token_ids, max_tokens=1, temperature=1.0, extra_body={"prompt_logprobs": k})
+            return parse_prompt_logprobs(raw.content, len(token_ids))
+
+        return (await self.call(send))[0]
+
+    async def call(self, send):
+        """(send(client), attempts) through the retries, on the least busy client. Raises FatalEndpointError for
+        what no retry can fix and RequestFailed (with the last error) when the retries are spent."""
+        last, error = None, None
         for attempt in range(1, self.cfg.max_retries + 2):
             index = self._pick(avoid=last)
             self.in_flight[index] += 1
             try:
-                raw = await self.clients[index].chat.completions.with_raw_response.create(**body)
-                response = parse_response(raw.content, n, self.cfg.top_logprobs, self.cfg.max_tokens)
-                response.latency_s, response.attempts = time.monotonic() - start, attempt
-                return response
+                return await send(self.clients[index]), attempt
             except openai.APIStatusError as e:
                 if e.status_code in FATAL_STATUS:
                     raise FatalEndpointError(
@@ -72,7 +105,7 @@ class HttpEngine:
             if attempt <= self.cfg.max_retries:
                 log.debug("retrying in %.1fs after %s", delay, error)
                 await asyncio.sleep(delay)
-        return self.failed(n, error, attempts=attempt, latency_s=time.monotonic() - start)
+        raise RequestFailed(error, attempt)
 
     @staticmethod
     def failed(n: int, error: str, attempts: int = 0, latency_s: float = 0.0) -> Response:
@@ -152,6 +185,20 @@ def parse_response(content: bytes, n: int, top_logprobs: int, max_tokens: int) -
         samples[0].reasoning_tokens = details.get("reasoning_tokens")
     return Response(samples=samples, model=data.get("model"), prompt_tokens=usage.get("prompt_tokens"),
                     prompt_token_ids=prompt_ids)
+
+
+def parse_prompt_logprobs(content: bytes, length: int) -> list[dict | None]:
+    """A completions body -> its first choice's prompt_logprobs, one entry per prompt token (None, then {token id:
+    {"logprob", "rank"}}). Raises MalformedResponse for anything else, a list of another length included."""
+    try:
+        entries = json.loads(content)["choices"][0]["prompt_logprobs"]
+        entries = [None if e is None else {int(t): v for t, v in e.items()} for e in entries]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise MalformedResponse(f"malformed prompt_logprobs body ({type(e).__name__}: {e})") from None
+    if len(entries) != length:
+        raise MalformedResponse(f"sent a prompt of {length} tokens, the server returned prompt_logprobs for "
+                                f"{len(entries)}: it did not score the token ids as sent")
+    return entries
 
 
 def _sample(choice: dict, top_logprobs: int) -> Sample:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
+import httpx2
 import openai
 
 from data.config import ConfigError, InputError
@@ -163,7 +163,7 @@ def finish(cfg: TracegenConfig, prompts: dict, keys: dict[str, str], work: list[
 
 
 def make_clients(cfg: TracegenConfig, base_urls: list[str]) -> list[openai.AsyncOpenAI]:
-    timeout = httpx.Timeout(cfg.timeout_s, connect=30.0)
+    timeout = openai.Timeout(cfg.timeout_s, connect=30.0)  # openai 3.x clients are httpx2's
     per_client = max(1, cfg.concurrency)
     clients = []
     for url in base_urls:
@@ -171,7 +171,7 @@ def make_clients(cfg: TracegenConfig, base_urls: list[str]) -> list[openai.Async
         clients.append(openai.AsyncOpenAI(
             base_url=base, default_query=query or None, api_key=cfg.api_key(), max_retries=0, timeout=timeout,
             http_client=openai.DefaultAsyncHttpxClient(
-                timeout=timeout, limits=httpx.Limits(max_connections=per_client, max_keepalive_connections=per_client)),
+                timeout=timeout, limits=httpx2.Limits(max_connections=per_client, max_keepalive_connections=per_client)),
         ))
     return clients
 

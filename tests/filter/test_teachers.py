@@ -1,5 +1,5 @@
 """Traces of several teachers in one run directory, curated together: `model` and each teacher's own pass rate per
-problem in the views, the README's teachers query, and the export and card per teacher."""
+problem in the views, filter/README.md's teachers query, and the export and card per teacher."""
 
 import datasets
 import duckdb
@@ -16,7 +16,7 @@ TEACHERS = {
     "teacher-b": {"b1": ("m1", 0, *WRONG_M1), "b2": ("m1", 1, *WRONG_M1), "b3": ("m2", 0, *GOOD_M2),
                   "b4": ("m2", 1, *GOOD_M2)},
 }
-# the README's example (SQL section), verbatim
+# filter/README.md's example (Curating with SQL), verbatim
 PASS_RATES_BY_TEACHER = """
 PIVOT (SELECT problem_id, model, any_value(model_pass_rate) AS pass_rate FROM signals GROUP BY ALL)
 ON model USING any_value(pass_rate) ORDER BY problem_id"""

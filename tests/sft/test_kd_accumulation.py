@@ -53,5 +53,5 @@ def test_settings_kd_cannot_honour_are_refused_naming_them(tmp_path):
             DistillArguments(**{"dataset": "unused", "kd": "sparse", **bad})
     assert DistillArguments(dataset="unused", chat_template_kwargs='{"enable_thinking": false}'
                             ).chat_template_kwargs == {"enable_thinking": False}
-    with pytest.raises(ConfigError, match="^packing"):
-        check_with_training_args(KD, training_args(tmp_path, packing=True, max_length=64))
+    with pytest.raises(ConfigError, match="^packing_strategy"):  # bfd is accepted (tests/sft/test_packing.py)
+        check_with_training_args(KD, training_args(tmp_path, packing=True, packing_strategy="wrapped", max_length=64))

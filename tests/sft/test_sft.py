@@ -154,7 +154,7 @@ def test_config_errors_name_the_field(toyworld, curated, tmp_path, caplog):
     assert "has no rows (did filter reject every trace?" in caplog.text
     for flags, message in ((["--kd", "sparse", "--kd_divergence", "reverse"], "kd_divergence: reverse needs"),
                            (["--kd", "online", "--teacher_model", "t", "--kd_top_k", "5"], "kd_top_k: "),
-                           (["--kd", "online", "--teacher_model", "t", "--packing", "true"], "packing / padding_free"),
+                           (["--packing", "true", "--packing_strategy", "wrapped"], "packing_strategy: 'wrapped'"),
                            (["--chat_template", "no-such.jinja"], "chat_template: no such file: no-such.jinja")):
         assert run(toyworld, curated, tmp_path / "u", *flags) == 2
         assert message in caplog.text
