@@ -25,12 +25,14 @@ import yaml
 
 from data.config import ConfigError, InputError
 from evals.benchmarks import Benchmark, level_of, load_benchmark, max_tokens_for
-from evals.code_grader import CODE_GRADER_VERSION, CodeGrader, extract_code
+from evals.code_grader import CODE_GRADER_VERSION, CodeGrader
 from evals.config import PUBLIC_BENCHMARKS, EvalsConfig, measures_efficiency, parse_config, save
 from evals.efficiency import measure_efficiency
+from evals.grading import grade_logged
 from evals.math_grader import GRADER_VERSION, MathGrader
 from evals.metrics import score
 from evals.report import publish, write_samples
+from evals.sandbox import isolation
 from tracegen.config import EngineConfig, TracegenConfig
 from tracegen.http_engine import FatalEndpointError
 from tracegen.main import generate as tracegen_generate
@@ -42,7 +44,6 @@ from tracegen.store import read_traces
 log = logging.getLogger("evals")
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "evals" / "templates"
-GRADE_CHUNK = 256  # samples per grading call: one progress line each
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,21 +310,15 @@ def grade(bench: Benchmark, samples: list[dict], grader: MathGrader | CodeGrader
     problems = {p["id"]: p for p in bench.problems}
     for s in samples:
         if s["error"] is not None:
-            s.update(correct=False, extracted=None, reason="generation_error")
+            s.update(correct=False, extracted=None, category="error", reason="generation_error")
     todo = [s for s in samples if s["error"] is None]
-    for start in range(0, len(todo), GRADE_CHUNK):
-        chunk = todo[start:start + GRADE_CHUNK]
-        if bench.domain == "math":
-            verdicts = grader.grade((problems[s["problem_id"]]["answer"], s["completion"]) for s in chunk)
-            for s, v in zip(chunk, verdicts, strict=True):
-                s.update(correct=v.correct, extracted=v.extracted, reason=v.reason)
-        else:
-            items = [(problems[s["problem_id"]]["tests"], s["completion"], problems[s["problem_id"]]["prompt"])
-                     for s in chunk]
-            for s, v in zip(chunk, grader.grade(items), strict=True):
-                s.update(correct=v.correct, extracted=extract_code(s["completion"]) or None, reason=v.reason)
-        if len(todo) > GRADE_CHUNK:
-            log.info("%s: graded %d/%d", bench.name, min(start + GRADE_CHUNK, len(todo)), len(todo))
+    if bench.domain == "math":
+        items = [(problems[s["problem_id"]]["answer"], s["completion"]) for s in todo]
+    else:
+        items = [(problems[s["problem_id"]]["tests"], s["completion"], problems[s["problem_id"]]["prompt"])
+                 for s in todo]
+    for s, v in zip(todo, grade_logged(grader.grade, items, bench.name), strict=True):
+        s.update(correct=v.correct, extracted=v.extracted, category=v.category, reason=v.detail)
 
 
 def score_benchmark(cfg: EvalsConfig, bench: Benchmark, samples: list[dict], generation: str) -> dict:
@@ -342,6 +337,7 @@ def protocol(cfg: EvalsConfig, bench: Benchmark, generation: str) -> dict:
         "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens or max_tokens_for(bench.name),
         "seed": cfg.seed, "prompt_template": _describe(template),
         "grader": GRADER_VERSION if bench.domain == "math" else CODE_GRADER_VERSION,
+        **({"sandbox": isolation().describe()} if bench.domain == "code" else {}),
         "data": bench.source + (f", first {cfg.limit} problems" if cfg.limit else ""),
         "generation": generation, "evaluated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

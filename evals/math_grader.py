@@ -4,7 +4,7 @@ answer using math-verify, in worker processes that are killed and replaced on a 
     from evals.math_grader import MathGrader, extract_answer
     with MathGrader(workers=4, timeout_s=5.0) as grader:
         verdicts = grader.grade([(gold, completion), ...])          # or grade_answers([(gold, answer)])
-    verdicts[0].correct, verdicts[0].extracted, verdicts[0].method, verdicts[0].reason
+    verdicts[0].correct, verdicts[0].category, verdicts[0].extracted, verdicts[0].method
 
 Extraction (`extract_answer`) reads only the text after `</think>` (a completion whose `<think>` never
 closes has no answer) and takes, in order: the last `\\boxed{...}` / `\\fbox{...}` (balanced braces);
@@ -18,7 +18,8 @@ Two shortcuts skip math-verify and can never disagree with it on a "correct": id
 and equal plain numbers; two plain integers that differ are a mismatch (math-verify compares
 integers exactly). Each (gold, answer) pair is checked once per grader (cached). math-verify's own
 timeouts use SIGALRM and can still hang in C code, so they are off and the parent enforces
-`timeout_s` per item instead: a hung check is "timeout", a dead worker "error: ...", and the run goes on.
+`timeout_s` per item instead: a hung check is category "timeout", a dead worker "error", and the run goes on.
+Verdicts are evals.grading.Verdict: category correct | wrong | no_answer | timeout | error, and a detail.
 """
 
 from __future__ import annotations
@@ -32,24 +33,21 @@ import resource
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
 from fractions import Fraction
 from importlib.metadata import version
 from multiprocessing.connection import Connection, wait
+
+from evals.grading import Verdict
 
 GRADER_VERSION = f"math-v1 (math-verify {version('math-verify')})"
 WORKER_MEMORY_BYTES = 4 << 30  # RLIMIT_AS per worker: a blow-up becomes MemoryError, not swapping
 STARTUP_TIMEOUT_S = 120.0  # importing sympy on a loaded machine
 
 log = logging.getLogger(__name__)
+OK, MISMATCH = ("correct", "ok"), ("wrong", "mismatch")
 
 
-@dataclass(frozen=True)
-class MathVerdict:
-    correct: bool
-    extracted: str | None
-    method: str  # "boxed" | "answer_is" | "hash" | "last_number" | "none" | "given"
-    reason: str  # "ok" | "no_answer" | "mismatch" | "timeout" | "error: ..."
+Outcome = tuple[str, str]  # (category, detail) of one check, as the workers send it
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -116,15 +114,15 @@ def _normalise(answer: str) -> str:
     return answer
 
 
-def _shortcut(gold: str, pred: str) -> str | None:
-    """ "ok" / "mismatch" when math-verify's answer is certain without asking it, else None."""
+def _shortcut(gold: str, pred: str) -> Outcome | None:
+    """The outcome when math-verify's answer is certain without asking it, else None."""
     if gold == pred:
-        return "ok"
+        return OK
     if _PLAIN_NUMBER.match(gold) and _PLAIN_NUMBER.match(pred):
         if Fraction(gold) == Fraction(pred):
-            return "ok"
+            return OK
         if "." not in gold + pred:
-            return "mismatch"
+            return MISMATCH
     return None
 
 
@@ -132,14 +130,14 @@ def _wrap(answer: str) -> str:
     return "$" + re.sub(r"(?<!\\)\$", "", answer) + "$"
 
 
-def _verify(gold: str, pred: str) -> str:
-    """math-verify's verdict, run in a worker: "ok" | "mismatch" | "error: ..."."""
+def _verify(gold: str, pred: str) -> Outcome:
+    """math-verify's verdict, run in a worker."""
     from math_verify import verify
 
     gold_parsed = _parse(gold)
     if not gold_parsed:
-        return f"error: math-verify found no expression in the gold answer {gold[:80]!r}"
-    return "ok" if verify(list(gold_parsed), list(_parse(pred)), timeout_seconds=None) else "mismatch"
+        return "error", f"math-verify found no expression in the gold answer {gold[:80]!r}"
+    return OK if verify(list(gold_parsed), list(_parse(pred)), timeout_seconds=None) else MISMATCH
 
 
 @functools.lru_cache(maxsize=8192)
@@ -152,7 +150,7 @@ def _parse(answer: str) -> tuple:
 
 
 def _worker_main(conn: Connection, memory_bytes: int) -> None:
-    """Worker loop: receive lists of (index, gold, pred), answer (index, reason) one at a time."""
+    """Worker loop: receive lists of (index, gold, pred), answer (index, (category, detail)) one at a time."""
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled" warnings
     _verify("1", "1")  # import and warm up before saying ready, so no deadline pays for it
@@ -168,7 +166,7 @@ def _worker_main(conn: Connection, memory_bytes: int) -> None:
             try:
                 reason = _verify(gold, pred)
             except Exception as e:  # math-verify swallows most; whatever escapes is this item's
-                reason = f"error: {type(e).__name__}: {e}"[:300]
+                reason = "error", f"{type(e).__name__}: {e}"[:300]
             conn.send((index, reason))
 
 
@@ -201,7 +199,7 @@ class MathGrader:
         self.timeout_s = timeout_s
         self.chunk_size = chunk_size
         self._workers: list[_Worker] = []
-        self._cache: dict[tuple[str, str], str] = {}
+        self._cache: dict[tuple[str, str], Outcome] = {}
         self._ctx = multiprocessing.get_context("forkserver")
         # Workers fork from a server that already imported math-verify (~1 s), so a replacement
         # after a timeout starts in milliseconds.
@@ -218,7 +216,7 @@ class MathGrader:
             w.kill()
         self._workers = []
 
-    def grade(self, items: Iterable[tuple[str, str]]) -> list[MathVerdict]:
+    def grade(self, items: Iterable[tuple[str, str]]) -> list[Verdict]:
         """Verdicts for (gold, completion) pairs, in order."""
         golds, answers, methods = [], [], []
         for gold, completion in items:
@@ -228,13 +226,13 @@ class MathGrader:
             methods.append(method)
         return self._grade(golds, answers, methods)
 
-    def grade_answers(self, items: Iterable[tuple[str, str]]) -> list[MathVerdict]:
+    def grade_answers(self, items: Iterable[tuple[str, str]]) -> list[Verdict]:
         """Verdicts for (gold, already-extracted answer) pairs, in order."""
         pairs = list(items)
         answers = [a.strip() if a and a.strip() else None for _, a in pairs]
         return self._grade([g for g, _ in pairs], answers, ["given"] * len(pairs))
 
-    def _grade(self, golds: list[str], answers: list[str | None], methods: list[str]) -> list[MathVerdict]:
+    def _grade(self, golds: list[str], answers: list[str | None], methods: list[str]) -> list[Verdict]:
         keys = [
             None if a is None else (_normalise(g), _normalise(a)) for g, a in zip(golds, answers, strict=True)
         ]
@@ -250,16 +248,16 @@ class MathGrader:
             self._cache.update(zip(todo, self._run(todo), strict=True))
         verdicts = []
         for key, answer, method in zip(keys, answers, methods, strict=True):
-            reason = "no_answer" if key is None else self._cache[key]
-            verdicts.append(MathVerdict(reason == "ok", answer, method, reason))
+            category, detail = ("no_answer", "no answer") if key is None else self._cache[key]
+            verdicts.append(Verdict(category, detail, answer, method))
         return verdicts
 
-    def _run(self, pairs: list[tuple[str, str]]) -> list[str]:
-        """Check pairs in the workers; every pair gets a reason, whatever the workers do."""
+    def _run(self, pairs: list[tuple[str, str]]) -> list[Outcome]:
+        """Check pairs in the workers; every pair gets an outcome, whatever the workers do."""
         while len(self._workers) < self.n_workers:
             self._workers.append(_Worker(self._ctx, WORKER_MEMORY_BYTES))
         queue = deque((i, g, p) for i, (g, p) in enumerate(pairs))
-        results: dict[int, str] = {}
+        results: dict[int, Outcome] = {}
         while len(results) < len(pairs):
             for w in self._workers:
                 if w.ready and not w.inflight and queue:
@@ -276,14 +274,14 @@ class MathGrader:
         w.since = time.monotonic()
         w.conn.send(batch)
 
-    def _receive(self, w: _Worker, results: dict[int, str], queue: deque) -> None:
+    def _receive(self, w: _Worker, results: dict[int, Outcome], queue: deque) -> None:
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):
             w.proc.join(1)
             if not w.ready:  # it could not even import math-verify: retrying would loop forever
                 raise RuntimeError(f"math worker died while starting (exit code {w.proc.exitcode})") from None
-            self._replace(w, results, queue, f"error: math worker died (exit code {w.proc.exitcode})")
+            self._replace(w, results, queue, ("error", f"math worker died (exit code {w.proc.exitcode})"))
             return
         if msg == "ready":
             w.ready = True
@@ -293,20 +291,20 @@ class MathGrader:
             w.inflight.popleft()
         w.since = time.monotonic()
 
-    def _enforce_deadlines(self, results: dict[int, str], queue: deque) -> None:
+    def _enforce_deadlines(self, results: dict[int, Outcome], queue: deque) -> None:
         now = time.monotonic()
         for w in list(self._workers):
             if w.inflight and now - w.since > self.timeout_s:
-                self._replace(w, results, queue, "timeout")
+                self._replace(w, results, queue, ("timeout", f"check over {self.timeout_s}s"))
             elif not w.ready and now - w.since > STARTUP_TIMEOUT_S:
                 raise RuntimeError(f"math worker did not start within {STARTUP_TIMEOUT_S}s")
 
-    def _replace(self, w: _Worker, results: dict[int, str], queue: deque, reason: str) -> None:
+    def _replace(self, w: _Worker, results: dict[int, Outcome], queue: deque, reason: Outcome) -> None:
         """Kill a stuck or dead worker: its current item gets `reason`, the rest go back in line."""
         if w.inflight:
             index, gold, pred = w.inflight.popleft()
             results[index] = reason
-            log.warning("math check %s for gold=%r answer=%r", reason, gold[:80], pred[:80])
+            log.warning("math check %s (%s) for gold=%r answer=%r", *reason, gold[:80], pred[:80])
         queue.extendleft(reversed(w.inflight))
         w.kill()
         self._workers[self._workers.index(w)] = _Worker(self._ctx, WORKER_MEMORY_BYTES)

@@ -114,7 +114,7 @@ def _generation_stats(samples: list[dict]) -> dict:
         "truncation_rate": _round(sum(s.get("finish_reason") == "length" for s in samples) / len(samples)),
         "mean_tokens": _round(_mean(tokens)) if tokens else None,
         "errors": sum(s.get("error") is not None for s in samples),  # generation failures, counted as wrong
-        "reasons": dict(Counter(s["reason"].split(":")[0] for s in samples).most_common()),
+        "categories": dict(Counter(s["category"] for s in samples).most_common()),
     }
 
 

@@ -21,7 +21,8 @@ SAMPLE_SCHEMA = pa.schema([
     ("completion", pa.string()),
     ("extracted", pa.string()),  # math: the final answer; code: the program that ran
     ("correct", pa.bool_()),
-    ("reason", pa.string()),  # the grader's reason: ok, mismatch, no_answer, failed: ..., generation_error
+    ("category", pa.string()),  # the grader's verdict: correct, wrong, no_answer, timeout, error (evals/grading.py)
+    ("reason", pa.string()),  # why, in words: ok, mismatch, base input 3: wrong output, generation_error, ...
     ("finish_reason", pa.string()),
     ("completion_tokens", pa.int32()),
     ("error", pa.string()),  # the generation error of a sample that could not be made

@@ -21,11 +21,13 @@ import time
 
 import pyarrow as pa
 
-from evals.code_grader import CODE_GRADER_VERSION, CodeGrader, extract_code
+from evals.code_extract import extract_code
+from evals.code_grader import CODE_GRADER_VERSION, CodeGrader
+from evals.grading import Verdict, grade_logged
 from evals.math_grader import GRADER_VERSION, MathGrader, extract_answer
 
 log = logging.getLogger(__name__)
-MATH_CHUNK = 20_000  # answers per grading call: one log line each
+MATH_CHUNK = 20_000  # items per grading call: one progress line each
 CODE_CHUNK = 64
 VERIFIED_SCHEMA = pa.schema([("trace_id", pa.string()), ("verdict", pa.string()), ("extracted", pa.string()),
                              ("method", pa.string()), ("reason", pa.string()), ("grader", pa.string())])
@@ -46,7 +48,7 @@ def label_verified(con, workers: int, math_timeout_s: float) -> int:
     start = time.monotonic()
     labels = grade_math([r for r in rows if r["known"] and r["domain"] == "math"], workers, math_timeout_s)
     labels += grade_code([r for r in rows if r["known"] and r["domain"] == "code"], workers)
-    labels += [_label(r, "error", None, "none", "problem not in the problem source", None)
+    labels += [_label(r, Verdict("error", "problem not in the problem source", None, "none"), None)
                for r in rows if not r["known"]]
     con.register("new_verified", pa.Table.from_pylist(labels, schema=VERIFIED_SCHEMA))
     con.execute("INSERT INTO verified SELECT * FROM new_verified")
@@ -56,55 +58,28 @@ def label_verified(con, workers: int, math_timeout_s: float) -> int:
 
 
 def grade_math(rows: list[dict], workers: int, timeout_s: float) -> list[dict]:
-    labels, gradable = [], []
-    for r in rows:
-        extracted, method = extract_answer(r["content"]) if r["content"].strip() else (None, "none")
-        if r["answer"] is None:
-            labels.append(_label(r, "unverifiable", extracted, method, "no gold answer", GRADER_VERSION))
-        elif extracted is None:
-            labels.append(_label(r, "no_answer", None, method, "no_answer", GRADER_VERSION))
-        else:
-            gradable.append((r, extracted, method))
-    if gradable:
+    labels = [_label(r, Verdict("unverifiable", "no gold answer", *extract_answer(r["content"])), GRADER_VERSION)
+              for r in rows if r["answer"] is None]
+    todo = [r for r in rows if r["answer"] is not None]
+    if todo:
         with MathGrader(workers=workers, timeout_s=timeout_s) as grader:
-            for i in range(0, len(gradable), MATH_CHUNK):
-                chunk = gradable[i:i + MATH_CHUNK]
-                verdicts = grader.grade_answers((r["answer"], extracted) for r, extracted, _ in chunk)
-                for (r, extracted, method), v in zip(chunk, verdicts, strict=True):
-                    labels.append(_label(r, _math_verdict(v.reason), extracted, method, v.reason, GRADER_VERSION))
-                log.info("verified: math %d/%d", min(i + MATH_CHUNK, len(gradable)), len(gradable))
+            verdicts = grade_logged(grader.grade, [(r["answer"], r["content"]) for r in todo], "verified: math",
+                                    MATH_CHUNK)
+        labels += [_label(r, v, GRADER_VERSION) for r, v in zip(todo, verdicts, strict=True)]
     return labels
-
-
-def _math_verdict(reason: str) -> str:
-    if reason.startswith("error"):
-        return "error"
-    return {"ok": "correct", "mismatch": "wrong", "no_answer": "no_answer", "timeout": "timeout"}.get(reason, "wrong")
 
 
 def grade_code(rows: list[dict], workers: int) -> list[dict]:
-    labels = [_label(r, "unverifiable", extract_code(r["content"]) or None, "code", "no tests", CODE_GRADER_VERSION)
-              for r in rows if r["tests"] is None]
+    labels = [_label(r, Verdict("unverifiable", "no tests", extract_code(r["content"]) or None, "code"),
+                     CODE_GRADER_VERSION) for r in rows if r["tests"] is None]
     todo = [r for r in rows if r["tests"] is not None]
-    grader = CodeGrader(workers=workers)
-    for i in range(0, len(todo), CODE_CHUNK):
-        chunk = todo[i:i + CODE_CHUNK]
-        verdicts = grader.grade((r["tests"], r["content"], r["prompt"]) for r in chunk)
-        for r, v in zip(chunk, verdicts, strict=True):
-            labels.append(_label(r, _code_verdict(v.reason), extract_code(r["content"]) or None, "code", v.reason,
-                                 CODE_GRADER_VERSION))
-        log.info("verified: code %d/%d", min(i + CODE_CHUNK, len(todo)), len(todo))
+    if todo:
+        items = [(r["tests"], r["content"], r["prompt"]) for r in todo]
+        verdicts = grade_logged(CodeGrader(workers=workers).grade, items, "verified: code", CODE_CHUNK)
+        labels += [_label(r, v, CODE_GRADER_VERSION) for r, v in zip(todo, verdicts, strict=True)]
     return labels
 
 
-def _code_verdict(reason: str) -> str:
-    if reason == "ok":
-        return "correct"
-    if reason == "no_code":
-        return "no_answer"
-    return reason.split(":")[0] if reason.startswith(("timeout", "error")) else "wrong"
-
-
-def _label(row: dict, verdict: str, extracted, method: str, reason: str, grader: str | None) -> dict:
-    return {"trace_id": row["trace_id"], "verdict": verdict, "extracted": extracted, "method": method,
-            "reason": reason, "grader": grader}
+def _label(row: dict, v: Verdict, grader: str | None) -> dict:
+    return {"trace_id": row["trace_id"], "verdict": v.category, "extracted": v.extracted, "method": v.method,
+            "reason": v.detail, "grader": grader}

@@ -8,11 +8,13 @@ included (TRL's own default for conversations; it teaches a model trained from s
 With `kd: sparse` the loss adds KL to the teacher's stored top-k logprobs, with `kd: online` to a local teacher's
 full logits (sft/trainer.py; its `ce` and `kd` parts are logged apart); `feature_weight` / `attention_weight` add
 hidden-state and attention alignment with an in-process teacher (sft/features.py), and `kd_temperature_schedule`
-moves the KD temperature over training (sft/schedule.py). With `qat: int8|int4|w8a8` the student trains through
-torchao's fake quantization and <output_dir>/quantized/ gets the converted model (sft/qat.py). `python -m
-sft.prune` makes a student by pruning a teacher (sft/prune.py). Writes <output_dir>/ (model or adapter,
-tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json. Rerunning resumes from the last
-checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted (rerun to resume).
+moves the KD temperature over training (sft/schedule.py). With `kd: on_policy` the student samples completions
+of the curated prompts and a served (vLLM) or in-process teacher scores those tokens (sft/on_policy.py). With
+`qat: int8|int4|w8a8` the student trains through torchao's fake quantization and <output_dir>/quantized/ gets the
+converted model (sft/qat.py). `python -m sft.prune` makes a student by pruning a teacher (sft/prune.py). Writes
+<output_dir>/ (model or adapter, tokenizer, checkpoints; merged/ with `merge: true`) and sft_metrics.json.
+Rerunning resumes from the last checkpoint. Exit codes: 0 done, 2 a config or data error (named), 130 interrupted
+(rerun to resume).
 """
 
 import json

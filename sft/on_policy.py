@@ -3,7 +3,8 @@
     python -m sft --config recipes/quickstart/sft-filtered-on-policy.yaml
 
 For each micro-batch of curated rows, with probability on_policy_lambda (GKD's lambda) the student samples its own
-completions of the rows' prompts (transformers `generate`, in process); otherwise the curated completions stay.
+completions of the rows' prompts (transformers `generate`, in process; vLLM sampling on GPUs, as TRL's
+VLLMGeneration does, is not wired in yet); otherwise the curated completions stay.
 The teacher then scores those exact token ids: at every completion position its k most likely tokens and the
 token that is there, with the mass outside them as one more outcome (the K+1 outcomes of kd: sparse). Two
 teachers give the same scores:
@@ -419,8 +420,7 @@ def build_on_policy_trainer(args: DistillArguments, common: dict, tokenizer, dty
     from sft.teacher import check_same_tokenizer, load_teacher
 
     dataset = common["train_dataset"]
-    longest = max(n - p for n, p in zip(dataset["length"] if "length" in dataset.column_names else
-                                        map(len, dataset["input_ids"]), dataset["prompt_length"], strict=True))
+    longest = max(len(ids) - p for ids, p in zip(dataset["input_ids"], dataset["prompt_length"], strict=True))
     if args.on_policy_max_new_tokens is None:
         args.on_policy_max_new_tokens = longest
         log.info("on_policy_max_new_tokens: %d (derived: the longest curated completion)", longest)

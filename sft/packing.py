@@ -41,6 +41,9 @@ def check_packing_settings(training_args, distill) -> None:
     if training_args.packing and training_args.packing_strategy != "bfd":
         raise ConfigError(f"packing_strategy: {training_args.packing_strategy!r} splits examples or lets them attend "
                           "to each other; use bfd (whole examples, position ids restarting per example)")
+    if distill.kd == "on_policy":
+        raise ConfigError("packing / padding_free: kd: on_policy builds each batch from the student's own samples "
+                          "(sft/on_policy.py), one completion per row; set packing: false and padding_free: false")
     if distill.attention_weight > 0:
         raise ConfigError("attention_weight: attention transfer reads the attention mask, which packed rows do not "
                           "carry; set packing: false and padding_free: false")

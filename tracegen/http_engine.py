@@ -5,6 +5,8 @@ Retry-After), least-busy balancing across them, and per-request retries with exp
 jitter on 429, 5xx, dropped connections, timeouts and malformed bodies. A request that still fails becomes
 samples with `error` set; `finish_reason` "length"/"repetition" are outcomes, never retried. Error texts
 carry the server's message with every secret replaced by *** (tracegen/secrets.py): a server may echo the key.
+`prompt_logprobs` scores given token ids through /v1/completions (the teacher of sft's kd: on_policy) with the
+same retries and balancing (`call`), raising RequestFailed instead of recording a failed sample.
 """
 
 import asyncio

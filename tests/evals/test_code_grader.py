@@ -1,13 +1,16 @@
-"""Code grader: candidate extraction, the three `tests` kinds, and the real HumanEval(+)/MBPP+ sets."""
+"""Code grader: candidate extraction, plain data, the three `tests` kinds, and the real HumanEval(+)/MBPP+ sets."""
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from evals import code_grader
-from evals.code_grader import CODE_GRADER_VERSION, CodeGrader, evalplus_tests, extract_code
+from evals.code_extract import extract_code
+from evals.code_grader import CODE_GRADER_VERSION, CodeGrader, evalplus_tests
+from evals.jail import plain
 
 BENCHMARKS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
 
@@ -34,6 +37,10 @@ def _grade(grader, tests, completion, prompt=""):
     return verdict
 
 
+def _brief(verdict) -> tuple:
+    return verdict.category, verdict.detail, verdict.passed, verdict.total
+
+
 def _release(rel: str) -> list[dict]:
     path = BENCHMARKS / rel
     if not path.exists():
@@ -57,13 +64,40 @@ def test_extract_code_fallbacks():
     assert extract_code("<think>```python\nx = 1\n```") == ""  # reasoning never finished
 
 
+# ----------------------------------------------------------------------------- plain data
+
+
+def test_plain_data_round_trips_builtin_values_in_canonical_text():
+    value = [1, 2**100, -0.5, float("inf"), 1 + 2j, "s\t\n", b"\x00", (1, (2,)), {3, 1, 2}, frozenset({1}),
+             {(1, 2): [None, True]}, {"b": 1, "a": 2}]
+    text, floats = plain.dumps(value)
+    assert plain.loads(text) == value and floats
+    assert "\n" not in text and "\t" not in text  # one result line
+    assert plain.dumps({2, 1, 3}) == plain.dumps({3, 2, 1})  # equal values, equal text
+    assert list(plain.loads(plain.dumps({"b": 1, "a": 2})[0])) == ["b", "a"]  # dict order shows in iteration
+    assert plain.loads(plain.dumps(map(str, [1, 2]))[0]) == ["1", "2"]  # iterators cross as lists
+
+
+def test_plain_data_leaves_every_custom_method_behind():
+    always = {"__eq__": lambda s, o: True, "__hash__": lambda s: 0}
+    yes, my_int = type("Yes", (), always)(), type("MyInt", (int,), always)(3)
+    forged = type("Forged", (), {**always, "__class__": property(lambda s: int)})()
+    rebuilt = plain.loads(plain.dumps([yes, my_int, forged, Counter("aab"), print])[0])
+    assert type(rebuilt[1]) is int and rebuilt[1] == 3  # an int subclass crosses as its value
+    assert type(rebuilt[3]) is dict and rebuilt[3] == {"a": 2, "b": 1}
+    for opaque in (rebuilt[0], rebuilt[2], rebuilt[4]):  # anything else: a name and a truth value
+        assert isinstance(opaque, plain.Opaque) and bool(opaque)
+        assert opaque != plain.Opaque(opaque.type_name, True) and opaque != 1 and opaque != rebuilt[1]
+
+
 # ----------------------------------------------------------------------------- functional
 
 
 def test_functional_body_gets_the_prompt_and_passes(grader):
     tests = {"kind": "functional", "entry_point": "add", "test": "def check(f):\n    assert f(2, 3) == 5\n"}
     body = "```python\n    return a + b\n```"
-    assert _grade(grader, tests, body, ADD_PROMPT) == code_grader.CodeVerdict(True, "ok", 1, 1)
+    verdict = _grade(grader, tests, body, ADD_PROMPT)
+    assert _brief(verdict) == ("correct", "ok", 1, 1) and verdict.extracted == "    return a + b\n"
     # A full def keeps the prompt's imports (the model left out `from typing import List`).
     full = "def add(a: List[int], b) -> int:\n    return a + b\n"
     assert _grade(grader, tests, full, ADD_PROMPT).correct
@@ -72,10 +106,12 @@ def test_functional_body_gets_the_prompt_and_passes(grader):
 def test_functional_failures_name_the_cause(grader):
     tests = {"kind": "functional", "entry_point": "add", "test": "def check(f):\n    assert f(2, 3) == 5\n"}
     wrong = _grade(grader, tests, "    return a - b\n", ADD_PROMPT)
-    assert not wrong.correct and "AssertionError" in wrong.reason and wrong.passed == 0
+    assert wrong.category == "wrong" and wrong.passed == 0
+    assert wrong.detail == "AssertionError:  (tests line 2: assert f(2, 3) == 5)"
     broken = _grade(grader, tests, "def add(a, b:\n    pass\n", ADD_PROMPT)
-    assert not broken.correct and "SyntaxError" in broken.reason
-    assert _grade(grader, tests, "```python\n\n```", ADD_PROMPT).reason == "no_code"
+    assert broken.category == "wrong" and broken.detail.startswith("loading the program: SyntaxError")
+    empty = _grade(grader, tests, "```python\n\n```", ADD_PROMPT)
+    assert (empty.category, empty.extracted) == ("no_answer", None)
 
 
 def test_functional_bare_asserts_mbpp_style(grader):
@@ -89,18 +125,18 @@ def test_functional_bare_asserts_mbpp_style(grader):
 
 def test_evalplus_correct_candidate_passes_every_input(grader):
     verdict = _grade(grader, ADD, "    return a + b\n", ADD_PROMPT)
-    assert verdict == code_grader.CodeVerdict(True, "ok", 4, 4)
+    assert _brief(verdict) == ("correct", "ok", 4, 4)
     # floats compare with atol 1e-6 (evalplus's default for float outputs), ints exactly
     close = "    s = a + b\n    return round(s, 9) if isinstance(s, float) else s\n"
     assert _grade(grader, ADD, close, ADD_PROMPT).correct
     off = "    s = a + b\n    return s + 1e-3 if isinstance(s, float) else s\n"
-    assert "plus input 3: wrong output" in _grade(grader, ADD, off, ADD_PROMPT).reason
+    assert _grade(grader, ADD, off, ADD_PROMPT).detail == "plus input 3: wrong output"
 
 
 def test_evalplus_wrong_candidate_fails_fast_or_counts(grader):
     wrong = _grade(grader, ADD, "    return a - b\n", ADD_PROMPT)
     assert (wrong.correct, wrong.passed, wrong.total) == (False, 0, 4)
-    assert wrong.reason == "failed: base input 0: wrong output"
+    assert (wrong.category, wrong.detail) == ("wrong", "base input 0: wrong output")
     half = "    return a + b if a < 5 else 0\n"
     counting = CodeGrader(workers=1, fail_fast=False).grade([(ADD, half, ADD_PROMPT)])[0]
     assert (counting.correct, counting.passed, counting.total) == (False, 3, 4)
@@ -109,7 +145,7 @@ def test_evalplus_wrong_candidate_fails_fast_or_counts(grader):
 def test_evalplus_input_time_limit(grader, monkeypatch):
     monkeypatch.setattr(code_grader, "MIN_INPUT_TIME_S", 0.5)
     verdict = _grade(grader, ADD, "    while True:\n        pass\n", ADD_PROMPT)
-    assert not verdict.correct and "base input 0: time limit 0.5s" in verdict.reason
+    assert (verdict.category, verdict.detail) == ("wrong", "base input 0: time limit 0.5s")
 
 
 def test_evalplus_mbpp_inputs_are_decoded_and_oracles_apply(grader):
@@ -125,7 +161,7 @@ def test_evalplus_mbpp_inputs_are_decoded_and_oracles_apply(grader):
         "atol": 0,
     }
     picky = "def similar_elements(a, b):\n    assert isinstance(a, tuple)\n    return sorted(set(a) & set(b), reverse=True)\n"
-    assert _grade(grader, tests, picky) == code_grader.CodeVerdict(True, "ok", 1, 1)
+    assert _brief(_grade(grader, tests, picky)) == ("correct", "ok", 1, 1)
 
 
 def test_evalplus_find_zero_oracle(grader):
@@ -147,9 +183,11 @@ def test_evalplus_find_zero_oracle(grader):
 def test_broken_tests_and_canonical_become_errors(grader):
     bad_canonical = {**ADD, "canonical_solution": "    return a +\n"}
     verdict = _grade(grader, bad_canonical, "    return a + b\n", ADD_PROMPT)
-    assert not verdict.correct and verdict.reason.startswith("error: canonical solution failed: SyntaxError")
-    assert _grade(grader, "{not json", "x = 1").reason.startswith("error: bad tests: JSONDecodeError")
-    assert _grade(grader, {"kind": "quiz"}, "x = 1").reason.startswith("error: bad tests: ValueError")
+    assert verdict.category == "error"
+    assert verdict.detail.startswith("canonical solution failed: loading the program: SyntaxError")
+    assert _grade(grader, "{not json", "x = 1").detail.startswith("bad tests: JSONDecodeError")
+    assert _brief(_grade(grader, {"kind": "quiz"}, "x = 1"))[:2] == (
+        "error", "bad tests: ValueError: tests kind 'quiz' is not one of functional, evalplus, stdio")
     with pytest.raises(ValueError, match="kind 'quiz'"):
         grader.grade_one({"kind": "quiz"}, "x = 1")
 
@@ -174,16 +212,16 @@ SUM = {
     ],
 )
 def test_stdio_accepts_common_io_styles(grader, program):
-    assert _grade(grader, SUM, f"```python\n{program}\n```") == code_grader.CodeVerdict(True, "ok", 2, 2)
+    assert _brief(_grade(grader, SUM, f"```python\n{program}\n```")) == ("correct", "ok", 2, 2)
 
 
 def test_stdio_failures(grader):
     wrong = _grade(grader, SUM, "print(3)")
-    assert (wrong.correct, wrong.passed, wrong.reason) == (False, 1, "failed: case 1: wrong output")
+    assert _brief(wrong) == ("wrong", "case 1: wrong output", 1, 2)
     crash = _grade(grader, SUM, "raise ValueError('boom')")
-    assert crash.reason == "failed: case 0: exit code 1: ValueError: boom"
+    assert (crash.category, crash.detail) == ("wrong", "case 0: exit code 1: ValueError: boom")
     slow = _grade(grader, {**SUM, "time_limit_s": 0.5}, "while True:\n    pass")
-    assert slow.reason == "failed: case 0: time limit 0.5s"
+    assert (slow.category, slow.detail) == ("wrong", "case 0: time limit 0.5s")
 
 
 def test_stdio_expected_output_is_not_visible_to_the_candidate(grader):
@@ -195,14 +233,14 @@ def test_stdio_expected_output_is_not_visible_to_the_candidate(grader):
         "i = text.find('SECRET-')\n"
         "print(text[i:i + 11] if i >= 0 else 'nothing')\n"
     )
-    assert _grade(grader, tests, snoop).reason == "failed: case 0: wrong output"
+    assert _grade(grader, tests, snoop).detail == "case 0: wrong output"
 
 
 def test_grade_keeps_order_and_version():
     items = [(SUM, "print(sum(map(int, input().split())))", ""), (SUM, "print(0)", "")] * 4
     verdicts = CodeGrader(workers=3).grade(items)
     assert [v.correct for v in verdicts] == [True, False] * 4
-    assert CODE_GRADER_VERSION.startswith("code-v1")
+    assert CODE_GRADER_VERSION.startswith("code-v2")
 
 
 # ----------------------------------------------------------------------------- real benchmarks
@@ -235,7 +273,7 @@ def _broken(row: dict, solution: str) -> list[str]:
 
 
 def _failures(verdicts, rows) -> list[tuple[str, str]]:
-    return [(r["task_id"], v.reason) for r, v in zip(rows, verdicts, strict=True) if not v.correct]
+    return [(r["task_id"], v.detail) for r, v in zip(rows, verdicts, strict=True) if not v.correct]
 
 
 @pytest.mark.benchmarks

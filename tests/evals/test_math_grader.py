@@ -88,7 +88,7 @@ def test_extract_boxed_with_unbalanced_last_falls_back_to_earlier():
 def test_equivalent_forms_are_correct(grader, gold, answer):
     [v] = grader.grade_answers([(gold, answer)])
     assert v.correct, v
-    assert v.reason == "ok" and v.method == "given" and v.extracted == answer
+    assert v.category == "correct" and v.method == "given" and v.extracted == answer
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_equivalent_forms_are_correct(grader, gold, answer):
 )
 def test_different_answers_are_mismatches(grader, gold, answer):
     [v] = grader.grade_answers([(gold, answer)])
-    assert not v.correct and v.reason == "mismatch", v
+    assert not v.correct and (v.category, v.detail) == ("wrong", "mismatch"), v
 
 
 def test_gold_goes_first(grader):
@@ -115,16 +115,16 @@ def test_grade_extracts_and_reports_method(grader):
             ("5", "<think>5 5 5"),
         ]
     )
-    assert [(v.correct, v.method, v.reason) for v in verdicts] == [
-        (True, "hash", "ok"),
-        (True, "boxed", "ok"),
+    assert [(v.correct, v.method, v.category) for v in verdicts] == [
+        (True, "hash", "correct"),
+        (True, "boxed", "correct"),
         (False, "none", "no_answer"),
         (False, "none", "no_answer"),
     ]
 
 
 def test_grade_answers_empty_answer_is_no_answer(grader):
-    assert [v.reason for v in grader.grade_answers([("1", ""), ("1", "  ")])] == ["no_answer"] * 2
+    assert [v.category for v in grader.grade_answers([("1", ""), ("1", "  ")])] == ["no_answer"] * 2
     assert grader.grade_answers([]) == []
 
 
@@ -140,10 +140,10 @@ def test_hanging_check_times_out_and_grader_keeps_working():
         start = time.monotonic()
         verdicts = g.grade_answers([("1", HANGS), ("\\frac{1}{2}", "0.5"), ("x+1", "1+x")])
         assert time.monotonic() - start < 20
-        assert [v.reason for v in verdicts] == ["timeout", "ok", "ok"]
+        assert [v.category for v in verdicts] == ["timeout", "correct", "correct"]
         # The replacement worker grades the next call; the hang is cached, not re-run.
         again = g.grade_answers([("1", HANGS), ("\\sqrt{4}", "2")])
-        assert [v.reason for v in again] == ["timeout", "ok"]
+        assert [v.category for v in again] == ["timeout", "correct"]
 
 
 def test_killed_worker_becomes_error_and_grader_keeps_working():
@@ -162,7 +162,7 @@ def test_killed_worker_becomes_error_and_grader_keeps_working():
         job.join(60)
         assert not job.is_alive()
         hung, fine = result["v"]
-        assert hung.reason.startswith("error: math worker died") and not hung.correct
+        assert hung.category == "error" and hung.detail.startswith("math worker died") and not hung.correct
         assert fine.correct
 
 
@@ -198,7 +198,7 @@ def test_math500_references_pass_through_math_verify(grader):
     golds = [r["answer"] for r in rows]
     assert sum(a != g for a, g in zip(respelled, golds, strict=True)) >= 60
     verdicts = grader.grade_answers(zip(golds, respelled, strict=True))
-    assert [(i, respelled[i], v.reason) for i, v in enumerate(verdicts) if not v.correct] == []
+    assert [(i, respelled[i], v.detail) for i, v in enumerate(verdicts) if not v.correct] == []
 
 
 # Golds of different problems that are nevertheless the same answer: math-verify rightly

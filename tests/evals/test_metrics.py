@@ -64,7 +64,7 @@ def test_stderr_is_sample_std_over_sqrt_n():
 
 
 def samples_for(table: dict[str, list[tuple[str | None, bool]]], **extra) -> list[dict]:
-    return [{"problem_id": pid, "sample_index": i, "extracted": a, "correct": ok, "reason": "ok" if ok else "mismatch",
+    return [{"problem_id": pid, "sample_index": i, "extracted": a, "correct": ok, "category": "correct" if ok else "wrong",
              "finish_reason": "stop", "completion_tokens": 10, "error": None, **extra}
             for pid, rows in table.items() for i, (a, ok) in enumerate(rows)]
 
@@ -88,7 +88,7 @@ def test_score_math_with_levels():
     assert m["by_level"] == {"1": {"pass@1": 0.875, "stderr": pytest.approx(0.125), "num_problems": 2},
                              "2": {"pass@1": 0.5, "stderr": 0.0, "num_problems": 1},
                              "None": {"pass@1": 0.0, "stderr": 0.0, "num_problems": 1}}
-    assert m["reasons"] == {"ok": 9, "mismatch": 7} and m["errors"] == 0
+    assert m["categories"] == {"correct": 9, "wrong": 7} and m["errors"] == 0
 
 
 def test_score_code_has_no_maj_and_no_levels():

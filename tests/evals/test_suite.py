@@ -11,6 +11,7 @@ import pytest
 from evals.config import parse_config
 from evals.main import main
 from evals.report import SAMPLE_SCHEMA
+from evals.sandbox import isolation
 from tests.fake_openai import FakeOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +89,8 @@ def test_grade_only_on_real_benchmarks_two_models_side_by_side(tmp_path):
     assert sum(v["num_problems"] for v in math500["by_level"].values()) == 20
     assert (humaneval["pass@1"], humaneval["n"], humaneval["num_problems"]) == (1.0, 1, 8)
     assert gsm8k["protocol"]["temperature"] == 0.6 and gsm8k["protocol"]["grader"].startswith("math-v1")
-    assert humaneval["protocol"]["grader"].startswith("code-v1")
+    assert humaneval["protocol"]["grader"].startswith("code-v2")
+    assert humaneval["protocol"]["sandbox"] == isolation().describe() and "sandbox" not in gsm8k["protocol"]
     assert "HumanEval.jsonl.gz (sha256 b796127e635a67f9)" in humaneval["protocol"]["data"]
 
     table = pq.read_table(out / "samples" / "reference" / "gsm8k.parquet")
@@ -149,7 +151,7 @@ def test_generation_through_tracegen_scores_exactly_and_resumes(tmp_path):
         k: v for k, v in first["fake-teacher"]["mine"].items() if k != "protocol"}
     assert (mine["pass@1"], mine["maj@k"], mine["pass@k"], mine["n"], mine["num_problems"]) == (
         0.45, 0.6, 0.6, 4, 5)
-    assert mine["truncation_rate"] == 0.2 and mine["reasons"] == {"ok": 9, "mismatch": 7, "no_answer": 4}
+    assert mine["truncation_rate"] == 0.2 and mine["categories"] == {"correct": 9, "wrong": 7, "no_answer": 4}
     assert mine["protocol"]["max_tokens"] == 64 and "base_url=" in mine["protocol"]["generation"]
     assert "maj@k" not in lcb and lcb["pass@1"] == 0.0 and lcb["n"] == 4
     assert "2+2? [answer:4]\nPlease reason step by step, and put your final answer within \\boxed{}." in prompts
@@ -162,7 +164,7 @@ def test_generation_through_tracegen_scores_exactly_and_resumes(tmp_path):
     assert by_id[("all", 0)]["completion"].startswith("<think>\nLet me think step by step.")
     assert by_id[("all", 0)]["completion"].endswith("</think>\n\nThe answer is \\boxed{4}.")
     assert [by_id[("tie", i)]["extracted"] for i in range(4)] == ["1", "2", "2", "1"]
-    assert by_id[("cut", 0)]["finish_reason"] == "length" and by_id[("cut", 0)]["reason"] == "no_answer"
+    assert by_id[("cut", 0)]["finish_reason"] == "length" and by_id[("cut", 0)]["category"] == "no_answer"
 
 
 def test_failed_generations_are_recorded_counted_wrong_and_exit_1(tmp_path, caplog):
@@ -176,7 +178,7 @@ def test_failed_generations_are_recorded_counted_wrong_and_exit_1(tmp_path, capl
                      "--n", "2", "--max_retries", "1", "--retry_backoff_s", "0.01"])
     assert code == 1 and "2 samples could not be generated" in caplog.text
     scores = json.loads((out / "scores.json").read_text())["m"]["p"]
-    assert (scores["pass@1"], scores["errors"], scores["reasons"]["generation_error"]) == (0.5, 2, 2)
+    assert (scores["pass@1"], scores["errors"], scores["categories"]["error"]) == (0.5, 2, 2)
     failed = [r for r in pq.read_table(out / "samples" / "m" / "p.parquet").to_pylist() if r["error"]]
     assert [r["problem_id"] for r in failed] == ["down", "down"] and "500" in failed[0]["error"]
 

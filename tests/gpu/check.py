@@ -2,17 +2,21 @@
 trainers, then sampled by the evals stage's in-process engine. Under 8 minutes on one H200.
 
     python tests/gpu/check.py [--out gpu_check.json] [--lengths 4096 16384 32768] [--steps 3]
-    python tests/gpu/check.py --tiny      # the same code on a CPU: a tiny model, short examples (tests/gpu/test_check.py)
+    python tests/gpu/check.py --tiny      # the same code and settings on a CPU: a tiny model, short examples (CI)
 
 For full SFT (TRL's SFTTrainer: its fused, chunked LM head), LoRA (r 16 on every linear layer) and sparse KD
 (DistillTrainer, top-20 synthetic teacher logprobs, kd_alpha 0.5) at each length: one example per row, padding-free
-(position ids, no mask), bf16, gradient checkpointing, Liger's layer kernels and flash attention where installed
-(else sdpa); and sft_packed: rows of the same length holding 4 examples (TRL's bfd packing, position ids
-restarting per example). Per run: step time (the median of `--steps` steps after one warm-up step), tokens/s, MFU
-= 6 x parameters x tokens / step time / the GPU's dense bf16 peak (PEAK_TFLOPS; for LoRA the same 6N convention),
-peak memory, and per length the KD/SFT, LoRA/SFT and packed/SFT step-time ratios. A run out of memory is recorded
-as "oom", one that fails as its error, and the others go on. Then the model, saved with a word-level tokenizer of its vocabulary, answers a few prompts through
-tracegen's in-process engine as evals loads it (vllm when importable, else hf). Writes one JSON, prints a table.
+(position ids, no mask), bf16, gradient checkpointing (TRL's selective one by default: each layer's attention
+output is kept, the rest recomputed), Liger's layer kernels and flash attention where installed (else sdpa); and
+sft_packed: rows of the same length holding 4 examples (TRL's bfd packing, position ids restarting per example).
+
+Per run: step time (the median of `--steps` steps after one warm-up step), tokens/s, MFU = 6 x parameters x
+tokens / step time / the GPU's dense bf16 peak (PEAK_TFLOPS; LoRA by the same 6N convention; recomputation not
+counted), beside it the same with causal attention's FLOPs added (mfu_with_attention), peak memory, and per length
+the KD/SFT, LoRA/SFT and packed/SFT step-time ratios. A run out of memory is recorded as "oom", one that fails as
+its error, and the others go on. Then the model, saved with a word-level tokenizer of its vocabulary, answers a
+few prompts through tracegen's in-process engine as evals loads it (vllm when importable, else hf). Writes one
+JSON, prints a table.
 
 Targets (issue 19): full SFT at 16k MFU >= 40%; 32k trains without running out of memory; KD step <= 1.25x SFT;
 LoRA faster than full.
@@ -60,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     gpu = torch.cuda.is_available() and not args.tiny
     shape = TINY if args.tiny else QWEN25_15B
-    report = {"device": device_report(gpu), "model": shape, "attn_implementation": attention(gpu),
-              "liger": gpu and not args.no_liger and find_spec("liger_kernel") is not None, "steps": args.steps, "runs": []}
+    liger = gpu and not args.no_liger and find_spec("liger_kernel") is not None
+    report = {"device": device_report(gpu), "model": shape, "attn_implementation": attention(gpu), "liger": liger,
+              "checkpointing": args.checkpointing, "steps": args.steps, "runs": []}
     log.info("device %s, attention %s", report["device"], report["attn_implementation"])
     # --- train: every mode at every length -----------------------------------------------------------------
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["runs"].append(run)
                 log.info("%s", run)
         report["ratios"] = ratios(report["runs"])
+        report["targets"] = targets(report["runs"], report["ratios"])
         # --- sample: the evals stage's in-process engine on the same model -------------------------------------
         try:
             report["engine"] = sample(shape, gpu, Path(tmp), prompts=4, tokens=8 if args.tiny else 32)
@@ -93,6 +99,9 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after one warm-up")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--no-liger", action="store_true", help="leave Liger's kernels off even where installed")
+    parser.add_argument("--checkpointing", choices=("selective", "full", "none"), default="selective",
+                        help="gradient checkpointing: TRL's selective one (keeps each layer's attention output, "
+                        "recomputes the rest), full, or none")
     args = parser.parse_args(argv)
     args.lengths = args.lengths or ([64, 256] if args.tiny else [4096, 16384, 32768])
     return args
@@ -126,8 +135,7 @@ def build_model(shape: dict, gpu: bool):
     torch.manual_seed(0)
     config = Qwen2Config(**shape)
     with torch.device("cuda" if gpu else "cpu"):
-        return Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16 if gpu else torch.float32,
-                                             attn_implementation=attention(gpu))
+        return Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation=attention(gpu))
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -171,6 +179,8 @@ def train(mode: str, length: int, shape: dict, steps: int, gpu: bool, report: di
         step_s = statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
         run |= {"step_s": round(step_s, 4), "tokens_per_s": round(length / step_s, 1),
                 "mfu": mfu(run["parameters"], length, step_s, report["device"]["peak_tflops"]),
+                "mfu_with_attention": mfu(run["parameters"], length, step_s, report["device"]["peak_tflops"],
+                                          attention_flops(shape, length // run["examples_per_row"])),
                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,
                 # what float32 [tokens, vocabulary] logits alone would hold: a peak below it shows none were built
                 "full_logits_gib": round(length * shape["vocab_size"] * 4 / 2**30, 2)}
@@ -206,8 +216,10 @@ def make_trainer(mode, model, length, shape, steps, gpu, report, out: Path):
 
     packing = mode == "sft_packed"
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=1, max_steps=1 + steps, learning_rate=1e-5,
-                     padding_free=True, packing=packing, max_length=length if packing else None, bf16=gpu,
-                     use_cpu=not gpu, gradient_checkpointing=gpu, use_liger_kernel=report["liger"],
+                     padding_free=True, packing=packing, max_length=length if packing else None, bf16=True,
+                     use_cpu=not gpu, gradient_checkpointing=report["checkpointing"] != "none",
+                     gradient_checkpointing_kwargs={"selective": report["checkpointing"] == "selective"},
+                     use_liger_kernel=report["liger"],
                      liger_kernel_config={"fused_linear_cross_entropy": False} if report["liger"] else None,
                      save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=0)
     per_row = PACKED if packing else 1
@@ -222,10 +234,18 @@ def make_trainer(mode, model, length, shape, steps, gpu, report, out: Path):
     return DistillTrainer(**common, distill=distill), times
 
 
-def mfu(parameters: int, tokens: int, step_s: float, peak_tflops: float | None) -> float | None:
+def mfu(parameters: int, tokens: int, step_s: float, peak_tflops: float | None, extra_per_token: float = 0.0
+        ) -> float | None:
+    """(6 x parameters + extra FLOPs per token) x tokens / step time / peak."""
     if not peak_tflops:
         return None
-    return round(6 * parameters * tokens / step_s / (peak_tflops * 1e12), 4)
+    return round((6 * parameters + extra_per_token) * tokens / step_s / (peak_tflops * 1e12), 4)
+
+
+def attention_flops(shape: dict, example_length: int) -> float:
+    """Causal attention's FLOPs per token, forward and backward (PaLM's 12 x layers x width x length, halved by
+    the causal mask), which 6N leaves out: about 45% more at 16k tokens for Qwen2.5-1.5B's shape."""
+    return 6 * shape["num_hidden_layers"] * shape["hidden_size"] * example_length
 
 
 def ratios(runs: list[dict]) -> dict:
@@ -237,6 +257,22 @@ def ratios(runs: list[dict]) -> dict:
         out[str(length)] = {f"{mode}/sft": round(by[(mode, length)] / sft, 3) if sft and by[(mode, length)]
                             else None for mode in MODES[1:]}
     return out
+
+
+def targets(runs: list[dict], ratios_by_length: dict) -> dict:
+    """Issue 19's targets, each true / false, or None where this check did not measure it."""
+    def run(mode, length):
+        return next((r for r in runs if r["mode"] == mode and r["tokens_per_row"] == length), None)
+
+    sft_16k, at_32k = run("sft", 16384), [r for r in runs if r["tokens_per_row"] == 32768]
+    kd = [r["sparse_kd/sft"] for r in ratios_by_length.values()]
+    lora = [r["lora/sft"] for r in ratios_by_length.values()]
+    return {
+        "sft_16k_mfu_at_least_40%": None if not sft_16k or sft_16k.get("mfu") is None else sft_16k["mfu"] >= 0.40,
+        "32k_trains_without_oom": all("result" not in r for r in at_32k) if at_32k else None,
+        "kd_step_at_most_1.25x_sft": None if None in kd or not kd else max(kd) <= 1.25,
+        "lora_faster_than_full": None if None in lora or not lora else max(lora) < 1.0,
+    }
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -295,7 +331,7 @@ def sample(shape: dict, gpu: bool, tmp: Path, prompts: int, tokens: int) -> dict
 def print_table(report: dict) -> None:
     device = report["device"]
     print(f"\n{device['name']} (peak {device['peak_tflops']} TFLOP/s bf16), attention {report['attn_implementation']},"
-          f" liger {report['liger']}")
+          f" liger {report['liger']}, checkpointing {report['checkpointing']}")
     print(f"{'mode':<11}{'row':>8}{'examples':>10}{'step s':>10}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
     for r in report["runs"]:
         head = f"{r['mode']:<11}{r['tokens_per_row']:>8}{r['examples_per_row']:>10}"
@@ -308,6 +344,7 @@ def print_table(report: dict) -> None:
     for length, ratio in report["ratios"].items():
         print(f"{length:>8} tokens: KD/SFT step {_ratio(ratio['sparse_kd/sft'])}, LoRA/SFT step "
               f"{_ratio(ratio['lora/sft'])}, packed/SFT step {_ratio(ratio['sft_packed/sft'])}")
+    print("targets: " + ", ".join(f"{name} {value}" for name, value in report["targets"].items()))
     e = report["engine"]
     if "error" in e:
         print(f"engine failed: {e['error'][:200]}")

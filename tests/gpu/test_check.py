@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tests.gpu.check import MODES, QWEN25_15B, peak_tflops
+from tests.gpu.check import MODES, QWEN25_15B, attention_flops, mfu, peak_tflops
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,6 +23,7 @@ def test_the_tiny_check_trains_every_mode_at_every_length_and_samples(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"]["name"] == "cpu" and report["attn_implementation"] == "sdpa"
+    assert report["checkpointing"] == "selective"  # TRL's selective checkpointing, as on a GPU
     runs = {(r["mode"], r["tokens_per_row"]): r for r in report["runs"]}
     assert set(runs) == {(mode, length) for mode in MODES for length in (64, 256)}
     for run in runs.values():
@@ -32,6 +33,8 @@ def test_the_tiny_check_trains_every_mode_at_every_length_and_samples(tmp_path):
         assert run["mfu"] is None  # no peak on a CPU
     assert runs[("lora", 64)]["parameters"] == runs[("sft", 64)]["parameters"]  # the base model's, 6N for both
     assert all(value > 0 for ratio in report["ratios"].values() for value in ratio.values())
+    assert report["targets"]["sft_16k_mfu_at_least_40%"] is None  # neither 16k tokens nor a peak here
+    assert isinstance(report["targets"]["kd_step_at_most_1.25x_sft"], bool)
     engine = report["engine"]
     assert engine["engine"] == "hf" and engine["prompts"] == 4 and engine["completion_tokens"] > 0
     assert "KD/SFT step" in done.stdout and "packed/SFT step" in done.stdout and "engine hf: 4 prompts" in done.stdout
@@ -50,3 +53,6 @@ def test_the_student_has_qwen2_5_1_5b_s_shape():
     with torch.device("meta"):
         model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_15B))
     assert model.num_parameters() == 1_543_714_304  # Qwen2.5-1.5B's count, tied embeddings once
+    # at 16k tokens causal attention adds 46% to 6N's FLOPs; 6N x tokens per second at the peak is MFU 1
+    assert attention_flops(QWEN25_15B, 16384) / (6 * 1_543_714_304) == pytest.approx(0.456, abs=1e-3)
+    assert mfu(1_543_714_304, 16384, 6 * 1_543_714_304 * 16384 / 989e12, 989) == 1.0

@@ -23,8 +23,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.toyworld.problems import gold_conversation, read_jsonl
 from sft.config import DistillArguments
+from sft.losses import OutputHead
 from sft.main import main
-from sft.on_policy import LocalTeacher, OnPolicyTrainer
+from sft.on_policy import LocalTeacher, OnPolicyTrainer, sampled_reverse_kl
 from tests.sft.tiny import tiny_model, training_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -249,3 +250,34 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(toyworld, curated, tmp_pa
     assert [h["step"] for h in metrics["log_history"] if "loss" in h][-1] == 8
     resumed = AutoModelForCausalLM.from_pretrained(out)
     assert resumed.num_parameters() > 0
+
+
+
+def test_the_sampled_reverse_kl_gradient_is_the_reverse_kls_on_average():
+    """Averaged over many tokens sampled from the student, the surrogate's gradient is the gradient of the exact
+    reverse KL(student || teacher) at that position (the score-function identity), and its value the KL."""
+    torch.manual_seed(0)
+    vocab, hidden_size, n, k = 50, 8, 40000, 3
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(hidden_size, dtype=torch.float64)
+    teacher_logp = (torch.randn(vocab, dtype=torch.float64) * 2).log_softmax(-1)
+    with torch.no_grad():
+        sampled = torch.multinomial((weight @ h).softmax(-1), n, replacement=True)
+    top = teacher_logp.topk(k).indices.repeat(n, 1)
+    ids = torch.cat([top, torch.where((top == sampled[:, None]).any(1), -1, sampled)[:, None]], 1)
+    logprobs = torch.where(ids >= 0, teacher_logp[ids.clamp(min=0)], -torch.inf)
+    rest = torch.log1p(-logprobs.exp().sum(1))  # the teacher's mass outside the listed tokens
+    pad = torch.full_like(ids, -1)
+    labels = torch.stack([torch.full_like(sampled, -100), sampled], 1)
+    surrogate, kl, tokens = sampled_reverse_kl(
+        h.expand(n, 2, hidden_size), OutputHead(weight), labels, torch.stack([pad, ids], 1),
+        torch.stack([torch.full_like(logprobs, -torch.inf), logprobs], 1), torch.stack([rest, rest], 1), 1.0)
+    (surrogate / tokens).backward()
+    estimate = weight.grad.clone()
+    weight.grad = None
+    log_ps = (weight @ h).log_softmax(-1)
+    exact = (log_ps.exp() * (log_ps - teacher_logp)).sum()
+    exact.backward()
+    assert (kl / tokens).item() == pytest.approx(exact.item(), rel=0.05)
+    cosine = torch.nn.functional.cosine_similarity(estimate.flatten(), weight.grad.flatten(), dim=0)
+    assert cosine > 0.95 and estimate.norm() == pytest.approx(weight.grad.norm().item(), rel=0.1)

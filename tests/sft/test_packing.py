@@ -17,8 +17,10 @@ from sft.config import DistillArguments, check_with_training_args
 from sft.heads import output_head
 from sft.kd_data import KD_COLUMNS, KDCollator
 from sft.losses import sparse_kd_loss
+from sft.main import main
 from sft.packing import check_attention, pack_kd
 from sft.trainer import DistillTrainer, model_inputs
+from tests.sft.test_kd import teacher_run  # noqa: F401 (a fixture)
 from tests.sft.test_sft import curated, run  # noqa: F401 (a fixture)
 from tests.sft.tiny import kd_rows, tiny_model, training_args
 
@@ -128,6 +130,9 @@ def test_what_cannot_keep_examples_apart_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="^packing_strategy: 'wrapped'"):
         check_with_training_args(distill, training_args(tmp_path, packing=True, packing_strategy="wrapped",
                                                         max_length=64))
+    on_policy = DistillArguments(dataset="unused", kd="on_policy", teacher_model="t")
+    with pytest.raises(ConfigError, match="^packing / padding_free: kd: on_policy"):
+        check_with_training_args(on_policy, training_args(tmp_path, packing=True, max_length=64))
     aligned = DistillArguments(dataset="unused", kd="online", teacher_model="t", attention_weight=1.0)
     with pytest.raises(ConfigError, match="^attention_weight:"):
         check_with_training_args(aligned, training_args(tmp_path, padding_free=True))
@@ -148,3 +153,16 @@ def test_python_m_sft_trains_on_packed_rows(toyworld, curated, tmp_path, flag, c
     metrics = json.loads((tmp_path / "out" / "sft_metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["max_length"] > 0 and metrics["tokens"] > 0
     assert "keeps examples apart with a dense [tokens, tokens] mask" in caplog.text  # sdpa on a CPU
+
+
+def test_python_m_sft_packs_sparse_kd_rows_from_a_real_teacher_run(toyworld, teacher_run, tmp_path, caplog):  # noqa: F811
+    caplog.set_level("INFO")
+    traces, _ = teacher_run
+    out = tmp_path / "out"
+    assert main(["--dataset", str(traces / "curated"), "--model_name_or_path", str(toyworld.student),
+                 "--output_dir", str(out), "--kd", "sparse", "--packing", "true", "--max_length", "256",
+                 "--per_device_train_batch_size", "2", "--max_steps", "2", "--logging_steps", "1",
+                 "--learning_rate", "3e-3", "--save_strategy", "no", "--seed", "0"]) == 0
+    assert "packing: 8 examples in" in caplog.text
+    metrics = json.loads((out / "sft_metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["last_logged_parts"]["kd"] > 0
