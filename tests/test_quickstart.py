@@ -12,8 +12,8 @@ import duckdb
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("teacher", "student-base", "unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
-STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
+STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
+MODELS = ("teacher", "student-base", *STUDENTS, "filtered-full-int8")
 pytestmark = pytest.mark.slow
 
 
@@ -48,6 +48,7 @@ def test_report_has_every_section_and_plot(run):
         assert f"| {model} |" in report
     assert "| filtering (filtered vs unfiltered traces) | filtered-full - unfiltered |" in report
     assert "| sparse KD vs plain SFT (both filtered) | filtered-kd - filtered-full |" in report
+    assert "| on-policy KD vs plain SFT (both filtered) | filtered-on-policy - filtered-full |" in report
 
 
 def test_counts_line_up_across_stages(run):
@@ -77,6 +78,10 @@ def test_every_model_is_scored_with_its_protocol(run):
         assert {"temperature", "top_p", "max_tokens", "grader"} <= set(toy["protocol"])
         assert 0.0 <= toy["pass@1"] <= toy["pass@k"] <= 1.0
     assert (run / "checkpoints" / "filtered-lora" / "adapter_config.json").is_file()
+    quantized = json.loads((run / "checkpoints" / "filtered-full-int8" / "quantize.json").read_text())
+    assert quantized["scheme"] == "int8" and quantized["check"] is not None  # measured on the curated set
+    weights = {name: scores[name]["toy"]["efficiency"]["weights_bytes"] for name in MODELS}  # cost beside accuracy
+    assert 0 < weights["filtered-full-int8"] < weights["filtered-full"] < weights["teacher"]
     timings = json.loads((run / "timings.json").read_text())
     assert {"world", "sft teacher", "tracegen", "filter"} <= set(timings)
 
@@ -89,6 +94,8 @@ def test_students_start_from_the_pretrained_base_with_equal_steps(run, recipe):
     steps = {name: json.loads((run / "checkpoints" / name / "sft_metrics.json").read_text())["global_step"]
              for name in STUDENTS}
     assert set(steps.values()) == {recipe.SIZES["ci"]["student_steps"]}, steps
+    on_policy = json.loads((run / "checkpoints" / "filtered-on-policy" / "sft_metrics.json").read_text())
+    assert any("kd_on_policy" in entry for entry in on_policy["log_history"])  # it trained on its own samples
     adapter = json.loads((run / "checkpoints" / "filtered-lora" / "adapter_config.json").read_text())
     assert Path(adapter["base_model_name_or_path"]).resolve() == Path(base["path"]).resolve()
     assert recipe.STUDENTS == STUDENTS

@@ -29,11 +29,15 @@ WHAT = {
     "filtered-full": "student base, full FT on the curated traces",
     "filtered-lora": "student base, LoRA on the curated traces",
     "filtered-kd": "student base, full FT on the curated traces + sparse KD on the teacher's top-k logprobs",
+    "filtered-on-policy": "student base, curated traces + on-policy KD (its own samples scored by the served teacher)",
+    "filtered-full-int8": "filtered-full with int8 weights (sft.quantize, torchao weight-only)",
 }
 # (what it shows, model a, model b): a - b with its standard error
 DIFFERENCES = (
     ("filtering (filtered vs unfiltered traces)", "filtered-full", "unfiltered"),
     ("sparse KD vs plain SFT (both filtered)", "filtered-kd", "filtered-full"),
+    ("on-policy KD vs plain SFT (both filtered)", "filtered-on-policy", "filtered-full"),
+    ("int8 weights vs the same student in float32", "filtered-full-int8", "filtered-full"),
     ("distillation (filtered student vs its base)", "filtered-full", "student-base"),
 )
 

@@ -9,7 +9,9 @@
 3. sft: train the teacher from random init on the gold solutions (full fine-tuning)
 4. tracegen: serve the teacher with vLLM (managed server) and sample n traces per train problem, with logprobs
 5. filter: verify, label, apply the rules, export the curated set (and, for comparison, everything unfiltered)
-6. sft: students from the same base, the same steps: unfiltered, filtered (full and LoRA), filtered + sparse KD
+6. sft: students from the same base, the same steps: unfiltered, filtered (full and LoRA), filtered + sparse KD,
+   filtered + on-policy KD (the teacher served by vLLM scores the student's own samples); the best student
+   quantized to int8 weights (sft.quantize)
 7. evals: teacher, student base and students on the held-out split, R1 protocol (n samples, pass@1, maj@k)
 8. report: runs/quickstart/report.md with the tables and plots (recipes/quickstart/report.py)
 
@@ -43,8 +45,9 @@ SIZES = {
 }
 # Each student is `sft-<name>.yaml` from the student base on <run>/unfiltered or <run>/curated; add a row by adding
 # a name here and its YAML (report.py's WHAT says what it is).
-STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd")
-EVALUATED = ("teacher", "student-base", *STUDENTS)
+STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
+QUANTIZED = {"filtered-full-int8": "filtered-full"}  # a deployed student: weight-only int8 (sft.quantize, torchao)
+EVALUATED = ("teacher", "student-base", *STUDENTS, *QUANTIZED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     # --- 6. students ------------------------------------------------------------------------------------------
     for name in STUDENTS:
         data = run / ("unfiltered" if name == "unfiltered" else "curated")
-        kd = ["--teacher_model", teacher] if name.endswith("-kd") else []  # its tokenizer must be the student's
+        kd = {"filtered-kd": ["--teacher_model", teacher],  # the teacher's tokenizer must be the student's
+              "filtered-on-policy": ["--teacher_serve_model", teacher]}.get(name, [])
         stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
               "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
               "--max_steps", size["student_steps"], *kd)
+    for name, source in QUANTIZED.items():
+        stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
+              "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated")
     # --- 7. evals ------------------------------------------------------------------------------------------------
-    models = {"teacher": teacher, "student-base": base, **{name: run / "checkpoints" / name for name in STUDENTS}}
+    models = {"teacher": teacher, "student-base": base,
+              **{name: run / "checkpoints" / name for name in (*STUDENTS, *QUANTIZED)}}
     for name in EVALUATED:
         stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(models[name], base),
               "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
