@@ -1,7 +1,7 @@
 """What every stage's command line shares: one parser for `--config file.yaml` plus `--field value` flags, the
 two errors that end a run with exit 2 and a one-line message, and how a command runs (`run_command`).
 
-    from data.config import ConfigError, InputError, parse_config
+    from data.config import ConfigError, InputError, documented, parse_config
     (cfg,) = parse_config([TracegenConfig], argv, prog="python -m tracegen")
 
 ConfigError means a setting is wrong, InputError an input file; each message names the setting or the file
@@ -82,6 +82,11 @@ def parse_config(config_types: list[type], argv: list[str] | None, prog: str, de
         return tuple(parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False))
     except ValueError as e:  # a library's own check of a value (TrainingArguments)
         raise ConfigError(f"{path or 'command line'}: {e}") from None
+
+
+def documented(text: str, **kw):
+    """A config dataclass field with its help text, which `python -m <stage> --help` prints."""
+    return dataclasses.field(metadata={"help": text}, **kw)
 
 
 def config_file(argv: list[str]) -> str | None:

@@ -9,10 +9,10 @@ tracegen/config.py EngineConfig, listed by `python -m evals --help`): evals gene
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.config import ConfigError, at_least, json_dict, save_config
+from data.config import ConfigError, at_least, documented, json_dict, save_config
 from data.config import parse_config as parse
 from tracegen.config import EngineConfig
 
@@ -25,64 +25,61 @@ REMOVED = {"tracegen_args": "set tracegen's settings as keys of this config, e.g
                             "endpoint_id: x, return_token_ids: true, extra_body: {top_k: 20} (python -m evals --help)"}
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class EvalsConfig:
     # --- what to evaluate ------------------------------------------------------------------------------
-    benchmarks: list[str] | None = _help(
+    benchmarks: list[str] | None = documented(
         f"Benchmark names: {', '.join(PUBLIC_BENCHMARKS)}, toy, or a custom_benchmarks name. Default: the seven "
         "public ones (grade-only mode: those in the completions file).", default=None)
-    custom_benchmarks: dict | str | None = _help(
+    custom_benchmarks: dict | str | None = documented(
         "Extra benchmarks from Problem-record files (JSONL or Parquet, data/README.md), {name: path}; e.g. "
         "LiveCodeBench-style stdio problems. `toy` is one whose default path is " + TOY_PATH + ".", default=None)
-    data_dir: str | None = _help(
+    data_dir: str | None = documented(
         "Folder with local copies of the public benchmarks (<data_dir>/gsm8k/test.jsonl, "
         "<data_dir>/humaneval/HumanEval.jsonl.gz, ...). Default: the pinned Hugging Face hub datasets.",
         default=None)
-    limit: int | None = _help("Only the first N problems of each benchmark (quick runs).", default=None)
-    output_dir: str | None = _help(
+    limit: int | None = documented("Only the first N problems of each benchmark (quick runs).", default=None)
+    output_dir: str | None = documented(
         "Where samples/, scores.json, report.md and generations/ go, e.g. runs/<name>/evals. Several models can "
         "share one: scores.json and report.md keep them all.", default=None)
-    model_name: str | None = _help(
+    model_name: str | None = documented(
         "Name of the evaluated model in scores.json, samples/ and report.md. Default: the last part of "
         "adapter/model/serve_model (grade-only: the completions file name).", default=None)
-    completions: str | None = _help(
+    completions: str | None = documented(
         "Grade-only mode: a JSONL of generations made elsewhere (benchmark, problem_id, completion, optional "
         "sample_index, finish_reason, completion_tokens); no model is called.", default=None)
     # --- protocol (recorded next to every number) ------------------------------------------------------
-    n: int = _help("Samples per problem (pass@1 is their mean; pass@k and maj@k use k = n). Grade-only: the "
+    n: int = documented("Samples per problem (pass@1 is their mean; pass@k and maj@k use k = n). Grade-only: the "
                    "completions file decides.", default=4)
-    temperature: float = _help("Sampling temperature (DeepSeek-R1's protocol: 0.6).", default=0.6)
-    top_p: float = _help("Nucleus sampling (DeepSeek-R1's protocol: 0.95).", default=0.95)
-    max_tokens: int | None = _help(
+    temperature: float = documented("Sampling temperature (DeepSeek-R1's protocol: 0.6).", default=0.6)
+    top_p: float = documented("Nucleus sampling (DeepSeek-R1's protocol: 0.95).", default=0.95)
+    max_tokens: int | None = documented(
         "Most completion tokens per sample, reasoning included. Default: per benchmark (32768 for the public "
         "ones, 512 for toy).", default=None)
-    seed: int | None = _help("Sampling seed sent with every request.", default=None)
-    math_prompt_template: str | None = _help(
+    seed: int | None = documented("Sampling seed sent with every request.", default=None)
+    math_prompt_template: str | None = documented(
         "Jinja file for math prompts ('none': the problem as written). Default: evals/templates/r1_math.jinja "
         "(R1's 'Please reason step by step, and put your final answer within \\boxed{}.'), except toy, "
         "whose models were trained on the problem as written.", default=None)
-    code_prompt_template: str | None = _help(
+    code_prompt_template: str | None = documented(
         "Jinja file for code prompts ('none': as written). Default: evals/templates/r1_code.jinja.", default=None)
-    chat_template_kwargs: dict | str | None = _help(
+    chat_template_kwargs: dict | str | None = documented(
         "Passed to the server's chat template, e.g. {enable_thinking: true}.", default=None)
-    extra_body: dict | str | None = _help(
+    extra_body: dict | str | None = documented(
         "Extra request fields the server understands, e.g. {top_k: 20} (recorded in the protocol).", default=None)
     # --- efficiency (evals/efficiency.py) ---------------------------------------------------------------
-    efficiency: bool | None = _help(
+    efficiency: bool | None = documented(
         "Measure latency, throughput and memory on the engine that generated. Default: on for engine hf/vllm "
         "and serve_model, off for base_url (a remote API bills the tokens; its latency includes the network).",
         default=None)
-    efficiency_prompts: int = _help("Prompts per benchmark timed at batch 1 (the benchmark's first ones).",
+    efficiency_prompts: int = documented("Prompts per benchmark timed at batch 1 (the benchmark's first ones).",
                                     default=4)
-    efficiency_tokens: int = _help("Tokens each timed request generates (EOS ignored: every model does the "
+    efficiency_tokens: int = documented("Tokens each timed request generates (EOS ignored: every model does the "
                                    "same work).", default=32)
     # --- grading ----------------------------------------------------------------------------------------
-    grader_workers: int | None = _help("Parallel grading processes. Default: the number of CPUs.", default=None)
-    math_timeout_s: float = _help("Seconds one math-verify comparison may take (then it is wrong: timeout).",
+    grader_workers: int | None = documented("Parallel grading processes. Default: the number of CPUs.", default=None)
+    math_timeout_s: float = documented("Seconds one math-verify comparison may take (then it is wrong: timeout).",
                                   default=5.0)
 
     def __post_init__(self):

@@ -11,12 +11,12 @@ import logging
 import os
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from data.config import ConfigError, config_file, json_dict
+from data.config import ConfigError, config_file, documented, json_dict
 from data.config import parse_config as parse
 
 log = logging.getLogger(__name__)
@@ -26,107 +26,104 @@ DIVERGENCES = ("forward", "reverse", "jsd")
 QAT_SCHEMES = ("none", "int8", "int4", "w8a8")  # sft/qat.py
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class DistillArguments:
-    dataset: str | None = _help(
+    dataset: str | None = documented(
         "The curated set: a folder of parquet files (runs/<x>/curated), a parquet file or glob, or a hub dataset "
         "name; rows need `messages` (data/README.md, Curated dataset).", default=None)
-    dataset_split: str = _help("Split of a hub dataset.", default="train")
-    chat_template: str | None = _help(
+    dataset_split: str = documented("Split of a hub dataset.", default="train")
+    chat_template: str | None = documented(
         "Jinja training template with {%% generation %%} markers. Default: the tokenizer's own when it has them, "
         "else TRL's training template for the model family.", default=None)
-    chat_template_kwargs: dict | str | None = _help(
+    chat_template_kwargs: dict | str | None = documented(
         "Extra variables for the chat template, as tracegen's (e.g. {enable_thinking: false}): kd: sparse refuses "
         "a prompt that renders otherwise than the one the teacher saw.", default=None)
-    drop_long: bool = _help("Drop (and count) examples longer than max_length instead of stopping.", default=False)
-    merge: bool = _help("LoRA: also save the merged model to <output_dir>/merged (vLLM serves it).", default=False)
-    kd: str = _help(
+    drop_long: bool = documented("Drop (and count) examples longer than max_length instead of stopping.", default=False)
+    merge: bool = documented("LoRA: also save the merged model to <output_dir>/merged (vLLM serves it).", default=False)
+    kd: str = documented(
         "Logit distillation: none; sparse (the teacher's top-k logprobs stored by tracegen, with the mass outside "
         "them as one more outcome: they are the raw model distribution at temperature 1, vLLM's default, not the "
         "sampled one at the trace's temperature / top_p); online (an in-process teacher_model's full logits); on_policy "
         "(the student samples completions of the curated prompts and the teacher scores those tokens: a served "
         "teacher, teacher_base_url or teacher_serve_model, or the in-process teacher_model; sft/on_policy.py).",
         default="none")
-    kd_alpha: float = _help("Weight of cross-entropy; 1 - kd_alpha weighs the KD term.", default=0.5)
-    kd_temperature: float = _help(
+    kd_alpha: float = documented("Weight of cross-entropy; 1 - kd_alpha weighs the KD term.", default=0.5)
+    kd_temperature: float = documented(
         "KD temperature T, the KD term scaled by T^2. sparse: both models' K+1-outcome distributions (top-k ids + "
         "the rest) are tempered as log_softmax(logp / T), so the rest is one outcome at T, not its tokens; online: "
         "both full distributions. Cross-entropy stays at T = 1.", default=1.0)
-    kd_top_k: int | None = _help(
+    kd_top_k: int | None = documented(
         "sparse: use only the k most likely stored entries per position (their stored mass beyond k joins the "
         "rest). Default: all stored (top_logprobs, plus the sampled token where vLLM added it).", default=None)
-    kd_chunk_size: int = _help("Positions per chunk of the KD loss (full-vocabulary logits stay this small).",
+    kd_chunk_size: int = documented("Positions per chunk of the KD loss (full-vocabulary logits stay this small).",
                                default=1024)
-    teacher_model: str | None = _help(
+    teacher_model: str | None = documented(
         "online, feature_weight, attention_weight: the in-process teacher model; sparse: the teacher tokenizer the "
         "student's must equal (default: every teacher_model of the dataset).", default=None)
-    kd_divergence: str = _help("online: forward, reverse or jsd (sparse: forward KL only).", default="forward")
-    kd_jsd_beta: float = _help("online jsd: the mixture weight beta, in (0, 1).", default=0.5)
+    kd_divergence: str = documented("online: forward, reverse or jsd (sparse: forward KL only).", default="forward")
+    kd_jsd_beta: float = documented("online jsd: the mixture weight beta, in (0, 1).", default=0.5)
     # --- kd: on_policy (sft/on_policy.py) ------------------------------------------------------------------
-    teacher_base_url: list[str] | str | None = _help(
+    teacher_base_url: list[str] | str | None = documented(
         "on_policy: the served teacher, one vLLM OpenAI-compatible base URL or a list (balanced), as tracegen's "
         "base_url; it scores token ids through /v1/completions prompt_logprobs. teacher_model names its tokenizer.",
         default=None)
-    teacher_serve_model: str | None = _help(
+    teacher_serve_model: str | None = documented(
         "on_policy: instead of teacher_base_url, a teacher model directory that is served with vLLM for the run "
         "(a managed server, as tracegen's serve_model).", default=None)
-    teacher_serve_args: list[str] | str | None = _help(
+    teacher_serve_args: list[str] | str | None = documented(
         'on_policy: extra arguments of the managed teacher server, e.g. "--max-model-len 4096 --max-logprobs 20".',
         default=None)
-    teacher_api_key_env: str | None = _help(
+    teacher_api_key_env: str | None = documented(
         "on_policy: the environment variable holding the teacher server's API key (never stored or shown).",
         default=None)
-    on_policy_loss: str = _help(
+    on_policy_loss: str = documented(
         "on_policy: reverse (the default: per-token reverse KL on the sampled token, teacher logprob minus the "
         "student's, as Qwen3 / Tinker / TRL do it) or forward (the K+1-bucket forward KL of kd: sparse over the "
         "teacher's top-k of the student's tokens). Curated batches always use the forward KL.", default="reverse")
-    on_policy_lambda: float = _help(
+    on_policy_lambda: float = documented(
         "on_policy: GKD's lambda, the share of batches whose completions the student samples; the others keep the "
         "curated completion and train on cross-entropy plus the forward KL to the teacher's scores.", default=0.5)
-    on_policy_top_k: int = _help(
+    on_policy_top_k: int = documented(
         "on_policy: the teacher's k most likely tokens scored at every completion position (plus the sampled "
         "one); a served teacher needs --max-logprobs >= k (vLLM's default is 20).", default=20)
-    on_policy_max_new_tokens: int | None = _help(
+    on_policy_max_new_tokens: int | None = documented(
         "on_policy: the most tokens the student samples per completion. Default: the longest curated completion.",
         default=None)
-    on_policy_temperature: float = _help("on_policy: the student's sampling temperature.", default=1.0)
-    qat: str = _help("Quantization-aware training (sft/qat.py): none, int8, int4 or w8a8. The student trains "
+    on_policy_temperature: float = documented("on_policy: the student's sampling temperature.", default=1.0)
+    qat: str = documented("Quantization-aware training (sft/qat.py): none, int8, int4 or w8a8. The student trains "
                      "through torchao's fake quantization; <output_dir>/quantized/ gets the converted model.",
                      default="none")
     # --- beyond the output layer: schedules, several teachers, hidden states and attention (sft/features.py) -----
-    kd_temperature_end: float | None = _help(
+    kd_temperature_end: float | None = documented(
         "The KD temperature at the last optimizer step (kd_temperature is the first); default: kd_temperature.",
         default=None)
-    kd_temperature_schedule: str = _help(
+    kd_temperature_schedule: str = documented(
         "constant, linear or cosine from kd_temperature to kd_temperature_end over the optimizer steps, for every "
         "KD mode (sft/schedule.py); the step's T is logged as kd_temperature.", default="constant")
-    teacher_models: list[str] | None = _help(
+    teacher_models: list[str] | None = documented(
         "online: several local teachers (same tokenizer as the student, refused otherwise), instead of "
         "teacher_model; the KD part is the teacher_weights-weighted sum of the divergences to each. Feature and "
         "attention alignment use the first.", default=None)
-    teacher_weights: list[float] | None = _help(
+    teacher_weights: list[float] | None = documented(
         "Weights of teacher_models (normalized to sum 1). Default: equal.", default=None)
-    feature_weight: float = _help(
+    feature_weight: float = documented(
         "Weight of feature alignment (FitNets): the student's hidden states at mapped layers against an "
         "in-process teacher's (teacher_model), through a learned linear projection when the widths differ. The "
         "projection is training state (saved in checkpoint-*/ for resuming), never part of the exported student.",
         default=0.0)
-    feature_loss: str = _help("Feature alignment per position and mapped layer: mse (mean over the hidden size) "
+    feature_loss: str = documented("Feature alignment per position and mapped layer: mse (mean over the hidden size) "
                               "or cosine (1 - cosine similarity).", default="mse")
-    feature_layers: dict | str | None = _help(
+    feature_layers: dict | str | None = documented(
         "Student layer -> teacher layer (1-based decoder-layer outputs), e.g. {1: 2, 2: 4} or '1:2,2:4'. Default: "
         "uniform, student layer i -> teacher layer round(i * teacher_layers / student_layers).", default=None)
-    attention_weight: float = _help(
+    attention_weight: float = documented(
         "Weight of attention transfer: KL(teacher || student) between the attention distributions of the last "
         "attention_layers layers (head by head when the head counts match, else of the head-averaged maps), "
         "computed from the models' own queries and keys in chunks of attention_chunk_size query positions.",
         default=0.0)
-    attention_layers: int = _help("Attention transfer: how many last layers of each model to align.", default=1)
-    attention_chunk_size: int = _help(
+    attention_layers: int = documented("Attention transfer: how many last layers of each model to align.", default=1)
+    attention_chunk_size: int = documented(
         "Attention transfer: query positions per chunk (a chunk holds batch x heads x chunk x length scores per "
         "model; it is recomputed in the backward pass, so no more than one chunk is held).", default=256)
 

@@ -24,12 +24,12 @@ RMSNorm); others are refused.
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from data.config import ConfigError, run_command
+from data.config import ConfigError, documented, run_command
 from data.config import parse_config as parse
 
 log = logging.getLogger("sft.prune")
@@ -38,26 +38,23 @@ SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 DERIVED_HEAD_DIM = ("qwen2",)
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class PruneArguments:
-    model: str | None = _help("The model to prune (usually the teacher): a model directory or hub name.",
+    model: str | None = documented("The model to prune (usually the teacher): a model directory or hub name.",
                               default=None)
-    output_dir: str | None = _help("Where the pruned checkpoint goes.", default=None)
-    calibration: str | None = _help(
+    output_dir: str | None = documented("Where the pruned checkpoint goes.", default=None)
+    calibration: str | None = documented(
         "Calibration text: a curated folder or parquet file (`messages`, rendered with the chat template) or a "
         "problems .jsonl (`prompt` as a user turn).", default=None)
-    calibration_samples: int = _help("How many calibration rows (the first ones).", default=64)
-    calibration_max_length: int = _help("Tokens per calibration row at most (longer rows are cut).", default=512)
-    batch_size: int = _help("Calibration rows per forward pass.", default=8)
-    num_layers: int | None = _help("Decoder layers to keep (depth pruning). Default: all.", default=None)
-    num_key_value_heads: int | None = _help(
+    calibration_samples: int = documented("How many calibration rows (the first ones).", default=64)
+    calibration_max_length: int = documented("Tokens per calibration row at most (longer rows are cut).", default=512)
+    batch_size: int = documented("Calibration rows per forward pass.", default=8)
+    num_layers: int | None = documented("Decoder layers to keep (depth pruning). Default: all.", default=None)
+    num_key_value_heads: int | None = documented(
         "Key/value heads to keep per layer, each with its query heads (width). Default: all.", default=None)
-    intermediate_size: int | None = _help("MLP channels to keep per layer (width). Default: all.", default=None)
-    hidden_size: int | None = _help("Embedding channels to keep (width). Default: all.", default=None)
+    intermediate_size: int | None = documented("MLP channels to keep per layer (width). Default: all.", default=None)
+    hidden_size: int | None = documented("Embedding channels to keep (width). Default: all.", default=None)
 
     def __post_init__(self):
         for name in ("model", "output_dir", "calibration"):

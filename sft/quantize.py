@@ -28,12 +28,12 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from data.config import ConfigError, parse_config, run_command
+from data.config import ConfigError, documented, parse_config, run_command
 
 log = logging.getLogger("sft.quantize")
 SCHEMES = ("int8", "int4", "w8a8", "fp8")
@@ -44,23 +44,20 @@ INT4_GROUP_CPU = 32  # torchao's IntxWeightOnlyConfig on CPU
 SUMMARY = "quantize.json"
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class QuantizeArguments:
-    model: str | None = _help("The trained checkpoint: a model directory (a full fine-tune or a merged LoRA).",
+    model: str | None = documented("The trained checkpoint: a model directory (a full fine-tune or a merged LoRA).",
                               default=None)
-    output_dir: str | None = _help("Where the quantized model directory goes (written whole, then renamed).",
+    output_dir: str | None = documented("Where the quantized model directory goes (written whole, then renamed).",
                                    default=None)
-    scheme: str = _help(f"One of {', '.join(SCHEMES)} (see the module docstring).", default="int8")
-    backend: str = _help("torchao (transformers in process) or compressed-tensors (vLLM serves it).",
+    scheme: str = documented(f"One of {', '.join(SCHEMES)} (see the module docstring).", default="int8")
+    backend: str = documented("torchao (transformers in process) or compressed-tensors (vLLM serves it).",
                          default="torchao")
-    dataset: str | None = _help("The curated set (runs/<x>/curated): conversations that measure what the "
+    dataset: str | None = documented("The curated set (runs/<x>/curated): conversations that measure what the "
                                 "rounding cost. Unset: no check.", default=None)
-    calibration_samples: int = _help("Curated conversations used for the check.", default=32)
-    max_length: int = _help("Tokens per check conversation (longer ones are cut: this is a measurement, not "
+    calibration_samples: int = documented("Curated conversations used for the check.", default=32)
+    max_length: int = documented("Tokens per check conversation (longer ones are cut: this is a measurement, not "
                             "training).", default=1024)
 
     def __post_init__(self):

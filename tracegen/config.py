@@ -10,10 +10,10 @@ model an evals run samples is set with the same keys as tracegen's teacher.
 import os
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.config import ConfigError, at_least, json_dict, save_config
+from data.config import ConfigError, at_least, documented, json_dict, save_config
 from data.config import parse_config as parse
 from tracegen.secrets import public_url, url_secrets
 
@@ -23,53 +23,50 @@ PROBLEM_SOURCE = ("problems", "problems_split", "problems_config", "problems_rev
                   "problem_defaults", "answer_format", "id_prefix")  # load_problems' arguments
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
 
 @dataclass
 class EngineConfig:
     # --- the model ------------------------------------------------------------------------------------
-    engine: str = _help(
+    engine: str = documented(
         "http: any OpenAI-compatible /v1/chat/completions server (base_url or serve_model); vllm: vLLM's offline "
         "LLM in this process; hf: transformers generate in this process (CPUs, LoRA adapters).", default="http")
-    base_url: list[str] | None = _help(
+    base_url: list[str] | None = documented(
         "One base URL or a list (balanced), e.g. http://host:8000/v1. Credentials in it (user:pass@, ?api_key=) "
         "are sent, and shown as ***.", default=None)
-    serve_model: str | None = _help(
+    serve_model: str | None = documented(
         "Instead of base_url: a model path that is served with vLLM on a free loopback port (and stopped at "
         "the end).", default=None)
-    serve_args: list[str] | str | None = _help(
+    serve_args: list[str] | str | None = documented(
         'Extra arguments for the managed vLLM server: a YAML list or one string, e.g. '
         '"--max-model-len 4096 --reasoning-parser deepseek_r1".', default=None)
-    serve_timeout_s: float = _help("Seconds to wait for the managed server to become healthy.", default=900.0)
-    model: str | None = _help(
+    serve_timeout_s: float = documented("Seconds to wait for the managed server to become healthy.", default=900.0)
+    model: str | None = documented(
         "http: the model name sent to the server (default: the only model it lists). vllm/hf: the model "
         "directory or hub name to load.", default=None)
-    adapter: str | None = _help("vllm/hf: a LoRA adapter directory applied to `model`.", default=None)
-    engine_kwargs: dict | str | None = _help(
+    adapter: str | None = documented("vllm/hf: a LoRA adapter directory applied to `model`.", default=None)
+    engine_kwargs: dict | str | None = documented(
         "vllm: arguments of vllm.LLM (e.g. {max_model_len: 4096, gpu_memory_utilization: 0.9}); hf: of "
         "from_pretrained (e.g. {dtype: bfloat16}).", default=None)
-    batch_size: int = _help("vllm/hf: prompts per in-process batch (a shard part is written after each).",
+    batch_size: int = documented("vllm/hf: prompts per in-process batch (a shard part is written after each).",
                             default=64)
-    api_key_env: str | None = _help(
+    api_key_env: str | None = documented(
         "Name of the environment variable holding the API key (the key itself is never stored or shown).",
         default=None)
-    endpoint_id: str | None = _help(
+    endpoint_id: str | None = documented(
         "Identity of the endpoint in request keys. Default: the host of the first base_url (loopback and "
         "managed servers: 'local'). Set it to keep resuming when servers move.", default=None)
     # --- transport ------------------------------------------------------------------------------------
-    samples_per_request: int | None = _help(
+    samples_per_request: int | None = documented(
         "At most this many samples per request (1 for APIs that refuse n>1). Default: all n at once.",
         default=None)
-    return_token_ids: bool | None = _help(
+    return_token_ids: bool | None = documented(
         "Ask the server for completion token ids (a vLLM extension) for exact per-sample token counts. "
         "Default: on for managed servers and with top_logprobs.", default=None)
-    concurrency: int = _help("Requests in flight at once (over all base URLs).", default=64)
-    timeout_s: float = _help("Seconds one request may take (long reasoning is slow).", default=3600.0)
-    max_retries: int = _help("Retries of a request on 429, 5xx, dropped connections, timeouts.", default=8)
-    retry_backoff_s: float = _help("First retry delay; doubles each retry, with jitter.", default=1.0)
-    retry_max_backoff_s: float = _help("Longest retry delay.", default=120.0)
+    concurrency: int = documented("Requests in flight at once (over all base URLs).", default=64)
+    timeout_s: float = documented("Seconds one request may take (long reasoning is slow).", default=3600.0)
+    max_retries: int = documented("Retries of a request on 429, 5xx, dropped connections, timeouts.", default=8)
+    retry_backoff_s: float = documented("First retry delay; doubles each retry, with jitter.", default=1.0)
+    retry_max_backoff_s: float = documented("Longest retry delay.", default=120.0)
 
     def __post_init__(self):
         self.engine_kwargs = json_dict("engine_kwargs", self.engine_kwargs)
@@ -130,51 +127,51 @@ class EngineConfig:
 @dataclass
 class TracegenConfig(EngineConfig):
     # --- problems -------------------------------------------------------------------------------------
-    problems: str | None = _help("JSONL or Parquet file, a dataset folder, or a Hugging Face dataset name.", default=None)
-    output_dir: str | None = _help("Run directory; traces go to <output_dir>/traces/.", default=None)
-    problems_split: str = _help("Split of a Hugging Face dataset.", default="train")
-    problems_config: str | None = _help("Config (subset) of a Hugging Face dataset.", default=None)
-    problems_revision: str | None = _help("Pinned revision of a Hugging Face dataset.", default=None)
-    column_map: dict | str | None = _help(
+    problems: str | None = documented("JSONL or Parquet file, a dataset folder, or a Hugging Face dataset name.", default=None)
+    output_dir: str | None = documented("Run directory; traces go to <output_dir>/traces/.", default=None)
+    problems_split: str = documented("Split of a Hugging Face dataset.", default="train")
+    problems_config: str | None = documented("Config (subset) of a Hugging Face dataset.", default=None)
+    problems_revision: str | None = documented("Pinned revision of a Hugging Face dataset.", default=None)
+    column_map: dict | str | None = documented(
         'Problem field -> source column, e.g. {prompt: question, answer: final}. "@row" as a column means '
         "the 0-based row number (for data without ids).", default=None)
-    problem_defaults: dict | str | None = _help(
+    problem_defaults: dict | str | None = documented(
         "Values for Problem fields the source lacks, e.g. {domain: math, source: gsm8k}.", default=None)
-    id_prefix: str = _help(
+    id_prefix: str = documented(
         'Prepended to every problem id, e.g. "math/": several sources can then share one run directory.',
         default="")
-    answer_format: str = _help(
+    answer_format: str = documented(
         "How the mapped `answer` column holds the gold final answer: plain (as is), gsm8k (a solution ending in "
         '"#### <answer>") or boxed (a solution whose last \\boxed{} is the answer, e.g. MATH). The full '
         "solution is kept in meta.solution.", default="plain")
-    limit: int | None = _help("Use only the first N problems (after validation).", default=None)
-    shard: str = _help("i/N: this process does the i-th of N deterministic parts of the job.", default="0/1")
+    limit: int | None = documented("Use only the first N problems (after validation).", default=None)
+    shard: str = documented("i/N: this process does the i-th of N deterministic parts of the job.", default="0/1")
     # --- prompt ---------------------------------------------------------------------------------------
-    prompt_template: str | None = _help(
+    prompt_template: str | None = documented(
         "Jinja file rendering the user turn from a problem ({{ prompt }}, {{ id }}, {{ meta }}...). "
         "Default: the problem's prompt as is.", default=None)
-    system_prompt: str | None = _help("Text or Jinja file with a system turn. Default: none.", default=None)
-    chat_template_kwargs: dict | str | None = _help(
+    system_prompt: str | None = documented("Text or Jinja file with a system turn. Default: none.", default=None)
+    chat_template_kwargs: dict | str | None = documented(
         "Passed to the server's chat template, e.g. {enable_thinking: true}.", default=None)
     # --- sampling -------------------------------------------------------------------------------------
-    n: int = _help("Samples per problem.", default=1)
-    temperature: float = _help("Sampling temperature.", default=0.6)
-    top_p: float = _help("Nucleus sampling.", default=0.95)
-    max_tokens: int = _help("Most completion tokens per sample (reasoning included).", default=32768)
-    seed: int | None = _help("Sampling seed sent with every request.", default=None)
-    top_logprobs: int = _help(
+    n: int = documented("Samples per problem.", default=1)
+    temperature: float = documented("Sampling temperature.", default=0.6)
+    top_p: float = documented("Nucleus sampling.", default=0.95)
+    max_tokens: int = documented("Most completion tokens per sample (reasoning included).", default=32768)
+    seed: int | None = documented("Sampling seed sent with every request.", default=None)
+    top_logprobs: int = documented(
         "k > 0: store token ids and top-k logprobs of every completion token in logprobs/ (k <= 20), with the "
         "mass outside them and the prompt's ids: the model's raw distribution at temperature 1 (vLLM's default), "
         "not the sampled one at temperature / top_p (data/README.md, Teacher logprobs).",
         default=0)
-    extra_body: dict | str | None = _help(
+    extra_body: dict | str | None = documented(
         "Extra request fields the server understands, e.g. {top_k: 20, repetition_detection: {...}}.",
         default=None)
     # --- output ---------------------------------------------------------------------------------------
-    shard_rows: int = _help("Traces per finished Parquet file.", default=2000)
-    price_input_per_mtok: float | None = _help("Price per million prompt tokens, for the cost line.", default=None)
-    price_output_per_mtok: float | None = _help("Price per million completion tokens.", default=None)
-    log_every_s: float = _help("Status line interval when stderr is not a terminal.", default=60.0)
+    shard_rows: int = documented("Traces per finished Parquet file.", default=2000)
+    price_input_per_mtok: float | None = documented("Price per million prompt tokens, for the cost line.", default=None)
+    price_output_per_mtok: float | None = documented("Price per million completion tokens.", default=None)
+    log_every_s: float = documented("Status line interval when stderr is not a terminal.", default=60.0)
 
     def __post_init__(self):
         super().__post_init__()
