@@ -15,13 +15,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.toyworld.problems import gold_conversation, read_jsonl
 from sft.config import DistillArguments
 from sft.losses import OutputHead
 from sft.main import main
@@ -34,19 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def tokenizer(toyworld):
     return AutoTokenizer.from_pretrained(toyworld.tokenizer)
-
-
-@pytest.fixture(scope="module")
-def curated(toyworld, tmp_path_factory):
-    """A curated folder: 32 gold conversations, reasoning inline in <think>."""
-    folder = tmp_path_factory.mktemp("curated")
-    rows = []
-    for p in read_jsonl(toyworld.train)[:32]:
-        user, gold = gold_conversation(p)
-        content = f"<think>\n{gold['reasoning_content']}\n</think>\n\n{gold['content']}"
-        rows.append({"messages": [user, {"role": "assistant", "content": content}], "trace_id": f"t-{p['id']}"})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
-    return folder
 
 
 def prompt_rows(vocab_size: int, n: int = 4, seed: int = 0) -> datasets.Dataset:
@@ -250,7 +234,6 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(toyworld, curated, tmp_pa
     assert [h["step"] for h in metrics["log_history"] if "loss" in h][-1] == 8
     resumed = AutoModelForCausalLM.from_pretrained(out)
     assert resumed.num_parameters() > 0
-
 
 
 def test_the_sampled_reverse_kl_gradient_is_the_reverse_kls_on_average():

@@ -13,7 +13,6 @@ from data.toyworld.problems import read_jsonl
 from sft.config import DistillArguments
 from sft.main import main
 from sft.on_policy import LocalTeacher, ServedTeacher, sample_completions
-from tests.sft.test_on_policy import curated  # noqa: F401  (the fixture)
 from tests.tracegen.test_vllm_server import vllm_processes
 from tracegen.server import managed_vllm_server
 
@@ -83,7 +82,7 @@ def test_the_servers_limits_are_named_errors(toyworld, server, tmp_path):
         teacher.close()
 
 
-def test_a_run_with_a_managed_teacher_server_trains_and_stops_it(toyworld, curated, tmp_path):  # noqa: F811
+def test_a_run_with_a_managed_teacher_server_trains_and_stops_it(toyworld, curated, tmp_path):
     out, model = tmp_path / "run", tmp_path / "teacher"
     model.symlink_to(toyworld.teacher)  # its own path: the module's server serves toyworld.teacher too
     code = main(["--dataset", str(curated), "--model_name_or_path", str(toyworld.student), "--output_dir", str(out),

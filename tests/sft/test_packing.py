@@ -21,7 +21,7 @@ from sft.main import main
 from sft.packing import check_attention, pack_kd
 from sft.trainer import DistillTrainer, model_inputs
 from tests.sft.test_kd import teacher_run  # noqa: F401 (a fixture)
-from tests.sft.test_sft import curated, run  # noqa: F401 (a fixture)
+from tests.sft.test_sft import run
 from tests.sft.tiny import kd_rows, tiny_model, training_args
 
 VOCAB, PAD = 64, 0
@@ -147,7 +147,7 @@ def test_what_cannot_keep_examples_apart_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--packing", "--padding_free"])
-def test_python_m_sft_trains_on_packed_rows(toyworld, curated, tmp_path, flag, caplog):  # noqa: F811
+def test_python_m_sft_trains_on_packed_rows(toyworld, curated, tmp_path, flag, caplog):
     caplog.set_level("INFO")
     assert run(toyworld, curated, tmp_path / "out", "--max_steps", "2", flag, "true") == 0
     metrics = json.loads((tmp_path / "out" / "sft_metrics.json").read_text())

@@ -5,30 +5,13 @@ post-training quantization of the same trained weights."""
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from data.toyworld.problems import gold_conversation, read_jsonl
 from sft.main import main
 from sft.qat import prepare_qat
 from sft.quantize import main as quantize
-
-
-@pytest.fixture(scope="module")
-def curated(toyworld, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("curated-qat")
-    rows = []
-    for p in read_jsonl(toyworld.train)[:32]:
-        user, gold = gold_conversation(p)
-        content = f"<think>\n{gold['reasoning_content']}\n</think>\n\n{gold['content']}"
-        rows.append({"messages": [user, {"role": "assistant", "content": content}], "trace_id": p["id"],
-                     "problem_id": p["id"]})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "train.parquet")
-    return folder
 
 
 def test_qat_trains_through_fake_quantization_and_converts(toyworld, curated, tmp_path):

@@ -5,31 +5,14 @@ import json
 import logging
 
 import datasets
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.toyworld.problems import gold_conversation, read_jsonl
 from sft.data import load_curated, tokenize, training_template
 from sft.main import main
-
-
-@pytest.fixture(scope="module")
-def curated(toyworld, tmp_path_factory):
-    """A curated folder: 48 gold conversations, reasoning inline in <think> (filter's default export)."""
-    folder = tmp_path_factory.mktemp("curated")
-    rows = []
-    for p in read_jsonl(toyworld.train)[:48]:
-        user, gold = gold_conversation(p)
-        content = f"<think>\n{gold['reasoning_content']}\n</think>\n\n{gold['content']}"
-        rows.append({"messages": [user | {"reasoning_content": None},
-                                  {"role": "assistant", "content": content, "reasoning_content": None}],
-                     "trace_id": f"t-{p['id']}", "problem_id": p["id"]})
-    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
-    return folder
 
 
 def run(toyworld, curated, out, *flags):
