@@ -101,6 +101,8 @@ class VllmSampler:
     def __init__(self, model, accelerator, tokenizer, *, checkpoint: str, dtype, max_model_len: int,
                  gpu_memory_utilization: float, tensor_parallel_size: int):
         self._saved_env = {name: os.environ.get(name) for name in ENGINE_ENV}
+        # one training process: vLLM starts torch.distributed and ends it here; under torchrun it is training's own
+        self._owns_process_group = not torch.distributed.is_initialized()
         self.device = accelerator.device
         self.synced_version, self.syncs = None, 0
         start = time.perf_counter()
@@ -131,7 +133,7 @@ class VllmSampler:
         return [list(c) for c in completions]
 
     def close(self) -> None:
-        """Free the engine and vLLM's process group, and give back the environment it was built in."""
+        """Free the engine and vLLM's process groups, and give back the environment it was built in."""
         import gc
 
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
@@ -139,7 +141,8 @@ class VllmSampler:
         self.engine = None
         gc.collect()
         destroy_model_parallel()
-        destroy_distributed_environment()
+        if self._owns_process_group:
+            destroy_distributed_environment()
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
