@@ -22,17 +22,20 @@ Resumable: a finished training or quantization is skipped, a scored model is not
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "recipes" / "quickstart"
 PY = sys.executable
 SIZES = {
     "full": {"n_train": 10000, "n_test": 500, "steps": 1000, "eval_problems": 200, "eval_n": 4},
-    "tiny": {"n_train": 10000, "n_test": 500, "steps": 4, "eval_problems": 4, "eval_n": 1},
+    "tiny": {"n_train": 200, "n_test": 20, "steps": 4, "eval_problems": 4, "eval_n": 1},
 }
 TRAINED = {"float": "none", "qat-int8": "int8", "qat-int4": "int4"}  # checkpoint: its sft `qat`
 PTQ = {"ptq-int8": "int8", "ptq-int4": "int4"}  # checkpoint: sft.quantize scheme, of the float student
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in done:
             run_stage(f"evals {name}", evals)
     # --- 5. the table ------------------------------------------------------------------------------------------
-    (run / "results.md").write_text(results(scores(run), checkpoints, commands, size))
+    (run / "results.md").write_text(results(scores(run), checkpoints, run / "evals" / "samples", commands, size))
     print((run / "results.md").read_text())
     return 0
 
@@ -102,8 +105,8 @@ def scores(run: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def results(done: dict, checkpoints: Path, commands: dict, size: dict) -> str:
-    """results.md: every model, the differences (independent-means stderr), the training losses and commands."""
+def results(done: dict, checkpoints: Path, samples: Path, commands: dict, size: dict) -> str:
+    """results.md: every model, the differences, the training losses and the commands."""
     rows = ["# Quantization: QAT vs PTQ\n",
             f"The toy world's 2 x 128 student, {size['steps']} steps on the gold solutions "
             f"(recipes/quickstart/sft-teacher.yaml); pass@1 on {size['eval_problems']} held-out problems x "
@@ -114,10 +117,12 @@ def results(done: dict, checkpoints: Path, commands: dict, size: dict) -> str:
         weights = toy.get("efficiency", {}).get("weights_bytes")
         rows.append(f"| {name} | {what} | {toy['pass@1']:.3f} | {toy['stderr']:.3f} | {toy['maj@k']:.3f} | "
                     f"{_num(weights and weights / 1024, '.0f')} |")
-    rows += ["\n| difference | a - b | pass@1 | ± stderr |", "|---|---|---|---|"]
+    rows += ["\n| difference | a - b | pass@1 | ± stderr (independent) | ± stderr (paired by problem) |",
+             "|---|---|---|---|---|"]
     for label, a, b in DIFFERENCES:
         (pa, sa), (pb, sb) = ((done[m]["toy"]["pass@1"], done[m]["toy"]["stderr"]) for m in (a, b))
-        rows.append(f"| {label} | {a} - {b} | {pa - pb:+.3f} | {(sa ** 2 + sb ** 2) ** 0.5:.3f} |")
+        rows.append(f"| {label} | {a} - {b} | {pa - pb:+.3f} | {(sa ** 2 + sb ** 2) ** 0.5:.3f} | "
+                    f"{paired_stderr(samples / a / 'toy.parquet', samples / b / 'toy.parquet'):.3f} |")
     rows += ["\n| training | first logged loss | last logged loss | mean loss |", "|---|---|---|---|"]
     for name in TRAINED:
         metrics = json.loads((checkpoints / name / "sft_metrics.json").read_text())
@@ -125,6 +130,16 @@ def results(done: dict, checkpoints: Path, commands: dict, size: dict) -> str:
                     f"{_num(metrics['train_loss'])} |")
     rows += ["\n## Commands\n", *(f"- {name}: `{shlex.join(str(c) for c in cmd)}`" for name, cmd in commands.items())]
     return "\n".join(rows) + "\n"
+
+
+def paired_stderr(a: Path, b: Path) -> float:
+    """The stderr of pass@1(a) - pass@1(b) from the per-problem differences: both models answered the same
+    problems, so the problems' difficulty cancels (the independent-means figure ignores that and is wider)."""
+    rates = [pq.read_table(path).group_by("problem_id").aggregate([("correct", "mean")]).to_pydict()
+             for path in (a, b)]
+    by_problem = [dict(zip(r["problem_id"], r["correct_mean"], strict=True)) for r in rates]
+    diffs = [by_problem[0][p] - by_problem[1][p] for p in by_problem[0]]
+    return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
 
 
 def _num(value, spec: str = ".4f") -> str:
