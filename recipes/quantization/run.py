@@ -1,6 +1,6 @@
 """Quantization-aware training vs post-training quantization of one student, in the toy world (issue 21).
 
-    .venv/bin/python recipes/quantization/run.py                # full size: 3 trainings, 7 evals
+    .venv/bin/python recipes/quantization/run.py                # full size: 4 trainings, 8 evals
     .venv/bin/python recipes/quantization/run.py --size tiny    # the plumbing, in minutes
 
 The student is the toy world's 2 x 128 student (cache/toyworld/student-init) trained on the 10,000 gold solutions
@@ -8,10 +8,11 @@ the way recipes/quickstart/sft-teacher.yaml trains the teacher: it reaches a cle
 what rounding its weights costs can show (the student base scores ~0; the quickstart's students ~0.2).
 1. the toy world (`python -m data.toyworld build`)
 2. sft with equal steps, data and seed: the float student, and the same training with `--qat int8` and
-   `--qat int4` (torchao fake quantization, converted into <checkpoint>/quantized/; sft/qat.py)
+   `--qat int4` (torchao fake quantization, converted into <checkpoint>/quantized/; sft/qat.py); and the float
+   student with seed 1 (another data order), the spread any two trainings show
 3. post-training quantization of the float student: `python -m sft.quantize --scheme int8|int4` (torchao, the
    config QAT converts with: QAT and PTQ differ only in the training)
-4. evals of the seven models (float, ptq-int8, ptq-int4, qat-int8, qat-int4 and the QAT runs' float weights) on
+4. evals of the eight models (float, ptq-int8, ptq-int4, qat-int8, qat-int4, the QAT runs' float weights, float-s1) on
    the held-out split with the quickstart's protocol (recipes/quickstart/evals.yaml)
 5. <run>/results.md: pass@1 ± stderr, maj@k, weight bytes, the differences that answer the question, and every
    command
@@ -37,7 +38,9 @@ SIZES = {
     "full": {"n_train": 10000, "n_test": 500, "steps": 1000, "eval_problems": 200, "eval_n": 4},
     "tiny": {"n_train": 200, "n_test": 20, "steps": 4, "eval_problems": 4, "eval_n": 1},
 }
-TRAINED = {"float": "none", "qat-int8": "int8", "qat-int4": "int4"}  # checkpoint: its sft `qat`
+# checkpoint: (its sft `qat`, seed). float-s1 is the float student with another data order: how far two trainings
+# that differ in nothing that matters land apart, the yardstick for a QAT run's difference
+TRAINED = {"float": ("none", 0), "qat-int8": ("int8", 0), "qat-int4": ("int4", 0), "float-s1": ("none", 1)}
 PTQ = {"ptq-int8": "int8", "ptq-int4": "int4"}  # checkpoint: sft.quantize scheme, of the float student
 # model: (checkpoint under <run>/checkpoints, what it is)
 MODELS = {
@@ -48,13 +51,18 @@ MODELS = {
     "qat-int4": ("qat-int4/quantized", "trained with qat: int4, converted"),
     "qat-int8-float": ("qat-int8", "the qat: int8 run's float weights"),
     "qat-int4-float": ("qat-int4", "the qat: int4 run's float weights"),
+    "float-s1": ("float-s1", "float student, seed 1 (another data order)"),
 }
 # (label, a, b): the differences a - b that answer the question
 DIFFERENCES = [
     ("what PTQ int8 costs", "ptq-int8", "float"), ("what PTQ int4 costs", "ptq-int4", "float"),
     ("QAT vs PTQ, int8", "qat-int8", "ptq-int8"), ("QAT vs PTQ, int4", "qat-int4", "ptq-int4"),
     ("QAT int4 vs the float student", "qat-int4", "float"),
+    ("what converting costs after QAT, int8", "qat-int8", "qat-int8-float"),
     ("what converting costs after QAT, int4", "qat-int4", "qat-int4-float"),
+    ("QAT's float weights vs the float student, int8", "qat-int8-float", "float"),
+    ("QAT's float weights vs the float student, int4", "qat-int4-float", "float"),
+    ("seed to seed (data order), float", "float-s1", "float"),
 ]
 
 
@@ -67,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     run_stage("world", [PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
                         "--n-test", size["n_test"]])
     # --- 2. the float student and the QAT students: same recipe, data, steps and seed -------------------------
-    for name, qat in TRAINED.items():
-        commands[name] = sft_command(world, checkpoints / name, size["steps"], qat)
+    for name, (qat, seed) in TRAINED.items():
+        commands[name] = sft_command(world, checkpoints / name, size["steps"], qat, seed)
         if not (checkpoints / name / "sft_metrics.json").exists():
             run_stage(f"sft {name}", commands[name])
     # --- 3. post-training quantization of the float student ----------------------------------------------------
@@ -89,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sft_command(world: Path, out: Path, steps: int, qat: str) -> list:
+def sft_command(world: Path, out: Path, steps: int, qat: str, seed: int) -> list:
     return [PY, "-m", "sft", "--config", QUICKSTART / "sft-teacher.yaml", "--dataset", world / "gold",
-            "--model_name_or_path", world / "student-init", "--output_dir", out, "--max_steps", steps, "--qat", qat]
+            "--model_name_or_path", world / "student-init", "--output_dir", out, "--max_steps", steps, "--qat", qat,
+            "--seed", seed]
 
 
 def evals_command(world: Path, model: Path, name: str, out: Path, size: dict) -> list:

@@ -1,7 +1,7 @@
 """The quantization arms: recipes/ablation/run.py's (their commands: PTQ quantizes the filtered checkpoint, QAT
 trains like it and is evaluated converted), and recipes/quantization/run.py (QAT vs PTQ of one toy student) end to
 end at tiny size (slow): the same stages and code path as the measured full run, a 200-problem world, 4 steps, 4
-held-out problems. Asserts the plumbing: the seven models are the ones the table names, QAT and PTQ quantize with
+held-out problems. Asserts the plumbing: the eight models are the ones the table names, QAT and PTQ quantize with
 the same config, and a rerun redoes nothing."""
 
 import importlib.util
@@ -14,7 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = ("float", "ptq-int8", "ptq-int4", "qat-int8", "qat-int4", "qat-int8-float", "qat-int4-float")
+MODELS = ("float", "ptq-int8", "ptq-int4", "qat-int8", "qat-int4", "qat-int8-float", "qat-int4-float", "float-s1")
 
 
 def _run(run_dir: Path, world: Path) -> subprocess.CompletedProcess:
