@@ -9,7 +9,8 @@
 1. data: the same traces selected by confidence (filter, select_by: most_confident), and a quarter and a half of
    the curated set (a seeded sample)
 2. arms: `python -m sft` from the same student base with the same optimizer steps, for each seed, then
-   `python -m evals` on the held-out split with the quickstart's protocol
+   `python -m evals` on the held-out split with the quickstart's protocol. Quantization: `qat-*` train with
+   `--qat` and are evaluated converted; `ptq-*` quantize the `filtered` arm's checkpoint (`python -m sft.quantize`)
 3. <run>/ablation/results.md and results.png: every arm and seed with its commands, and the mean over seeds
 
 Every arm is one line of ARMS (name, group, data, sft flags). Resumable: an arm already in
@@ -64,7 +65,14 @@ ARMS = [
     ("kd-online-tcosine", "toolbox", "curated", [*ONLINE, "--kd_temperature", "5", "--kd_temperature_end", "1",
                                                  "--kd_temperature_schedule", "cosine"]),
     ("pruned-kd-online", "toolbox", "curated", ONLINE),  # from the pruned teacher, not the student base
+    ("ptq-int8", "quantization", "curated", []),  # PTQ: the filtered arm's checkpoint quantized, no training
+    ("ptq-int4", "quantization", "curated", []),
+    ("qat-int8", "quantization", "curated", ["--qat", "int8"]),  # evaluated: <checkpoint>/quantized
+    ("qat-int4", "quantization", "curated", ["--qat", "int4"]),
 ]
+# Post-training quantization arms: `python -m sft.quantize` of the same seed's `filtered` checkpoint (trained first
+# if it is not there), with the torchao config the qat arms convert with, so QAT and PTQ differ only in training.
+PTQ = {"ptq-int8": "int8", "ptq-int4": "int4"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"=== {name}: scored already, skipped", flush=True)
                 continue
             sft, evals = commands(arm, seed, run, base, data, size, args.world)
-            run_stage(f"sft {name}", sft)
+            if arm[0] in PTQ:
+                train_filtered(seed, run, base, data, size, args.world)
+            run_stage(f"{'quantize' if arm[0] in PTQ else 'sft'} {name}", sft)
             run_stage(f"evals {name}", evals)
     # --- 3. one table and one plot --------------------------------------------------------------------------
     write_results(out, arms, size, run, base, data, args.world)
@@ -109,18 +119,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def commands(arm, seed: int, run: Path, base: str, data: dict, size: dict, world: Path) -> tuple[list, list]:
-    """The sft and evals commands of one arm and seed (what runs is what the results table shows)."""
+    """The sft (for a PTQ arm: sft.quantize) and evals commands of one arm and seed (what runs is what the results
+    table shows)."""
     name, _, dataset, flags = arm
     checkpoint = run / "ablation" / "checkpoints" / f"{name}-s{seed}"
     init = run / "pruned-teacher" if name == "pruned-kd-online" else base
     sft = [PY, "-m", "sft", "--config", QUICKSTART / "sft-filtered-full.yaml", "--dataset", data[dataset],
            "--model_name_or_path", init, "--output_dir", checkpoint, "--max_steps", size["steps"], "--seed", seed,
            *[flag.format(run=run) for flag in flags]]
-    evals = [PY, "-m", "evals", "--config", QUICKSTART / "evals.yaml", "--model", checkpoint, "--model_name",
+    if name in PTQ:
+        sft = [PY, "-m", "sft.quantize", "--model", checkpoint.with_name(f"filtered-s{seed}"), "--scheme", PTQ[name],
+               "--output_dir", checkpoint, "--dataset", data[dataset]]
+    model = checkpoint / "quantized" if "--qat" in flags else checkpoint  # the converted model, not its float weights
+    evals = [PY, "-m", "evals", "--config", QUICKSTART / "evals.yaml", "--model", model, "--model_name",
              f"{name}-s{seed}", "--output_dir", run / "ablation" / "evals", "--custom_benchmarks",
              json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
              "--n", size["eval_n"]]
     return [str(c) for c in sft], [str(c) for c in evals]
+
+
+def train_filtered(seed: int, run: Path, base: str, data: dict, size: dict, world: Path) -> None:
+    """The checkpoint a PTQ arm quantizes: the filtered arm's, trained here unless it is there already."""
+    filtered = next(arm for arm in ARMS if arm[0] == "filtered")
+    if not (run / "ablation" / "checkpoints" / f"filtered-s{seed}" / "sft_metrics.json").exists():
+        run_stage(f"sft filtered-s{seed}", commands(filtered, seed, run, base, data, size, world)[0])
 
 
 def confident_selection(run: Path, world: Path) -> Path:
@@ -189,7 +211,7 @@ def write_results(out: Path, arms: list, size: dict, run: Path, base: str, data:
 
 def plot(means: dict, path: Path) -> None:
     names = list(means)
-    colors = {"data": "#4a7", "loss": "#47a", "scale": "#a74", "toolbox": "#777"}
+    colors = {"data": "#4a7", "loss": "#47a", "scale": "#a74", "toolbox": "#777", "quantization": "#a47"}
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(names)), 3.5))
     ax.bar(names, [means[n][1] for n in names], yerr=[means[n][2] for n in names], capsize=3,
            color=[colors.get(means[n][0].split(",")[0], "#555") for n in names])
