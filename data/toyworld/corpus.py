@@ -14,8 +14,9 @@ with made-up numbers). The corpus teaches the parts, and none of the held-out pr
   take their number from the plan, with no story (a story's working is what distillation teaches).
 
 No row holds a step of a held-out problem (a op b), worked or not. Measured with the proxy protocol (RESULTS.md,
-"Corpus variants"): exercises packed four to a row plus one-digit drills (version 1) left the distilled student
-at 0.18 pass@1; one exercise per row without drills 0.27, and with the chains 0.28.
+"Corpus variants", seed 0): exercises packed four to a row plus one-digit drills (version 1) left the distilled
+student at 0.18 pass@1, this corpus at 0.27; chains as bare text instead of prompted by their plan at 0.10. The
+seed moves it as much (the issue's corpus: 0.27 with seed 0, 0.06 with seed 1), so one seed does not rank them.
 
 Rows are conversations in the curated format (data/README.md), so `python -m sft` trains on them as they are
 (with `assistant_only_loss: false`, loss on every token): a story or a chain's plan is a user turn and the plan
