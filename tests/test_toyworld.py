@@ -209,9 +209,12 @@ def test_corpus_teaches_reading_copying_and_columns(world, corpus):
         assert sorted(re.findall(r"\d+", assistant["content"])) == sorted(re.findall(r"\d+", problem["prompt"]))
         assert assistant["content"].split("\n")[0] == problem["meta"]["solution"].split("\n")[0]
         assert re.findall(r"[+\-*]", assistant["content"]) == re.findall(r"[+\-*]", problem["meta"]["expression"])
-    for row in kinds["exercise"]:  # one correct step per row, column working in the gold format
-        assert [m["role"] for m in row["messages"]] == ["assistant"]
-        check_block(row["messages"][0]["content"].split("\n"))
+    for row in kinds["exercise"]:  # one step asked, answered with correct column working in the gold format
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        lines = assistant["content"].split("\n")
+        assert lines[0] == user["content"]
+        check_block(lines)
     for row in kinds["chain"]:
         check_chain(row)
 
@@ -243,7 +246,7 @@ def test_corpus_is_deterministic_for_a_seed():
 
 
 def test_corpus_renders_for_sft_with_every_token_trained(corpus, tokenizer):
-    """sft (assistant_only_loss: false) trains on the whole rendering; a plain row is one assistant turn."""
+    """sft (assistant_only_loss: false) trains on the whole rendering, the user turn included."""
     for row in corpus[:50]:
         messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
         text = tokenizer.apply_chat_template(messages, tokenize=False)

@@ -7,21 +7,21 @@ with made-up numbers). The corpus teaches the parts, and none of the held-out pr
 
 - stories: every train story (never a test one) answered with its operand plan only, the numbers copied out of
   the story in order and no results ("79*6", then "-12", then "+9"): reading and copying, no worked solution;
-- exercises: bare column arithmetic on random numbers ("474-12" worked column by column, the gold format), one
-  per row, so that a row's step always starts from numbers in its own head;
+- exercises: column arithmetic on random numbers, one per row, asked as a user turn ("474-12") and answered with
+  its working in the gold format, whose first and last lines copy the question: copying from the prompt, the skill
+  that separates a student that learns from one on the plateau;
 - chains: an operand plan on random numbers (2-4 operations) answered with every step worked in the gold format,
   each later step starting from the previous result: how a solution's later steps carry the running total and
   take their number from the plan, with no story (a story's working is what distillation teaches).
 
-No row holds a step of a held-out problem (a op b), worked or not. Measured with the proxy protocol (RESULTS.md,
-"Corpus variants", seed 0): exercises packed four to a row plus one-digit drills (version 1) left the distilled
-student at 0.18 pass@1, this corpus at 0.27; chains as bare text instead of prompted by their plan at 0.10. The
-seed moves it as much (the issue's corpus: 0.27 with seed 0, 0.06 with seed 1), so one seed does not rank them.
+No row holds a step of a held-out problem (a op b), worked or not. Measured (RESULTS.md, "Corpus variants"): with
+the exercises as plain text (versions 1-2) the base copied the exact operand plan of 2-19% of the held-out stories
+and the distilled proxy student reached 0.06-0.28 pass@1 depending on the seed; asking them as a user turn
+(version 3) makes the base copy 92% of the plans.
 
 Rows are conversations in the curated format (data/README.md), so `python -m sft` trains on them as they are
-(with `assistant_only_loss: false`, loss on every token): a story or a chain's plan is a user turn and the plan
-or the working the assistant's turn; an exercise is one assistant turn of plain text. The same seed gives the
-same rows.
+(with `assistant_only_loss: false`, loss on every token): the story, the exercise or the chain's plan is the user
+turn, the plan or the working the assistant's. The same seed gives the same rows.
 """
 
 import io
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from data.toyworld.problems import Step, later_step, working
 
-CORPUS_VERSION = 2  # bump when the corpus text changes
+CORPUS_VERSION = 3  # bump when the corpus text changes
 CHAIN_STEPS = (2, 4)  # operations per chain, the multi-step problems' 2-3 and one more
 FIRST = re.compile(r"(\d+)([+\-*])(\d+)")
 LATER = re.compile(r"\)([+\-*])(\d+)")
@@ -44,7 +44,7 @@ def corpus_rows(train: list[dict], test: list[dict], seed: int) -> list[dict]:
     rng = random.Random(f"toyworld-corpus-{seed}")
     held_out = {step for problem in test for step in steps_of(problem)}
     rows = [story_row(p) for p in train]
-    rows += [plain_row("exercise", "\n".join(working(s))) for s in exercise_steps(rng, len(train), held_out)]
+    rows += [exercise_row(s) for s in exercise_steps(rng, len(train), held_out)]
     rows += [chain_row(chain_steps(rng, held_out)) for _ in range(max(1, len(train) // 2))]
     rng.shuffle(rows)
     return rows
@@ -84,8 +84,10 @@ def chain_row(steps: list[Step]) -> dict:
                          _message("assistant", "\n".join(line for step in steps for line in working(step)))]}
 
 
-def plain_row(kind: str, text: str) -> dict:
-    return {"kind": kind, "problem_id": None, "messages": [_message("assistant", text)]}
+def exercise_row(step: Step) -> dict:
+    """The step asked as it is written ("474-12") and answered with its working, which starts by copying it."""
+    return {"kind": "exercise", "problem_id": None,
+            "messages": [_message("user", f"{step.a}{step.op}{step.b}"), _message("assistant", "\n".join(working(step)))]}
 
 
 def _message(role: str, content: str) -> dict:
