@@ -17,7 +17,7 @@ with made-up numbers). The corpus teaches the parts, and none of the held-out pr
 No row holds a step of a held-out problem (a op b), worked or not. Measured (RESULTS.md, "Corpus variants"): with
 the exercises as plain text (versions 1-2) the base copied the exact operand plan of 2-19% of the held-out stories
 and the distilled proxy student reached 0.06-0.28 pass@1 depending on the seed; asking them as a user turn
-(version 3) makes the base copy 92% of the plans.
+(version 3) makes the base copy 92% of the plans, and the proxy student reach 0.62.
 
 Rows are conversations in the curated format (data/README.md), so `python -m sft` trains on them as they are
 (with `assistant_only_loss: false`, loss on every token): the story, the exercise or the chain's plan is the user
