@@ -197,10 +197,11 @@ def test_corpus_holds_no_held_out_problem_or_its_working(world, corpus):
 
 
 def test_corpus_teaches_reading_copying_and_columns(world, corpus):
-    kinds = {kind: [r for r in corpus if r["kind"] == kind] for kind in ("story", "exercise", "drill")}
+    kinds = {kind: [r for r in corpus if r["kind"] == kind] for kind in ("story", "exercise", "chain")}
     assert len(corpus) == sum(map(len, kinds.values()))
     train = {p["id"]: p for p in read_jsonl(world.train)}
     assert sorted(r["problem_id"] for r in kinds["story"]) == sorted(train)
+    assert len(kinds["exercise"]) == len(train) and len(kinds["chain"]) == len(train) // 2
     for row in kinds["story"]:  # the plan copies the story's numbers (a*b as the gold writes it), its operators
         user, assistant = row["messages"]
         problem = train[row["problem_id"]]
@@ -208,14 +209,31 @@ def test_corpus_teaches_reading_copying_and_columns(world, corpus):
         assert sorted(re.findall(r"\d+", assistant["content"])) == sorted(re.findall(r"\d+", problem["prompt"]))
         assert assistant["content"].split("\n")[0] == problem["meta"]["solution"].split("\n")[0]
         assert re.findall(r"[+\-*]", assistant["content"]) == re.findall(r"[+\-*]", problem["meta"]["expression"])
-    for row in kinds["exercise"]:  # every exercise is correct column working in the gold format
-        assert [m["role"] for m in row["messages"]] == ["assistant"]
-        for block in row["messages"][0]["content"].split("\n\n"):
-            check_block(block.split("\n"))
-    for row in kinds["drill"]:
-        for line in row["messages"][0]["content"].split("\n"):
-            left, right = line.split("=")
-            assert evaluate(left) == int(right), line
+    for row in kinds["exercise"]:  # one step asked, answered with correct column working in the gold format
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        lines = assistant["content"].split("\n")
+        assert lines[0] == user["content"]
+        check_block(lines)
+    for row in kinds["chain"]:
+        check_chain(row)
+
+
+def check_chain(row: dict) -> None:
+    """A plan of 2-4 operations, then every step worked, each later one on the previous result and the plan's next
+    operator and number: the working of a multi-step solution, without its story or answer line."""
+    user, assistant = row["messages"]
+    assert (user["role"], assistant["role"]) == ("user", "assistant")
+    first, *later = user["content"].split("\n")
+    lines = assistant["content"].split("\n")
+    heads = [i for i, line in enumerate(lines) if re.fullmatch(r"\d+[+\-*]\d+", line)]
+    assert heads[0] == 0 and 2 <= len(heads) <= 4 and len(later) == len(heads) - 1
+    blocks = [lines[i:j] for i, j in zip(heads, [*heads[1:], len(lines)], strict=True)]
+    assert blocks[0][0] == first
+    total = check_block(blocks[0])
+    for block, step in zip(blocks[1:], later, strict=True):
+        assert block[0] == f"{total}{step}", (block[0], total, step)
+        total = check_block(block)
 
 
 def test_corpus_is_deterministic_for_a_seed():
@@ -228,7 +246,7 @@ def test_corpus_is_deterministic_for_a_seed():
 
 
 def test_corpus_renders_for_sft_with_every_token_trained(corpus, tokenizer):
-    """sft (assistant_only_loss: false) trains on the whole rendering; a plain row is one assistant turn."""
+    """sft (assistant_only_loss: false) trains on the whole rendering, the user turn included."""
     for row in corpus[:50]:
         messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
         text = tokenizer.apply_chat_template(messages, tokenize=False)

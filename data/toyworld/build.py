@@ -5,7 +5,7 @@
     out/gold/train.parquet                          the gold solutions of the train split as an SFT set, in the
                                                     curated format (data/README.md): how the toy teacher learns
     out/corpus/train.parquet                        the pretraining corpus of the student base (corpus.py), in the
-                                                    curated format: stories with their operand plans, exercises, drills
+                                                    curated format: stories with their operand plans, exercises, chains
     out/teacher-init/, out/student-init/            random Qwen2 models + tokenizer + generation_config.json
     out/manifest.json                               seed, sizes, sha256 of the problem files, parameter counts
 

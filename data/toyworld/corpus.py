@@ -7,13 +7,21 @@ with made-up numbers). The corpus teaches the parts, and none of the held-out pr
 
 - stories: every train story (never a test one) answered with its operand plan only, the numbers copied out of
   the story in order and no results ("79*6", then "-12", then "+9"): reading and copying, no worked solution;
-- exercises: bare column arithmetic on random numbers ("474-12" worked column by column, the gold format),
-  four to a row; any step of a held-out problem (a op b) is excluded;
-- drills: one-digit facts, the lines the columns are made of ("7+8=15", "13-7=6", "4*8=32", "32+1=33").
+- exercises: column arithmetic on random numbers, one per row, asked as a user turn ("474-12") and answered with
+  its working in the gold format, whose first and last lines copy the question: copying from the prompt, the skill
+  that separates a student that learns from one on the plateau;
+- chains: an operand plan on random numbers (2-4 operations) answered with every step worked in the gold format,
+  each later step starting from the previous result: how a solution's later steps carry the running total and
+  take their number from the plan, with no story (a story's working is what distillation teaches).
+
+No row holds a step of a held-out problem (a op b), worked or not. Measured (RESULTS.md, "Corpus variants"): with
+the exercises as plain text (versions 1-2) the base copied the exact operand plan of 2-19% of the held-out stories
+and the distilled proxy student reached 0.06-0.28 pass@1 depending on the seed; asking them as a user turn
+(version 3) makes the base copy 92% of the plans, and the proxy student reach 0.62.
 
 Rows are conversations in the curated format (data/README.md), so `python -m sft` trains on them as they are
-(with `assistant_only_loss: false`, loss on every token): a story is a user turn and the plan the assistant's
-turn; exercises and drills are one assistant turn of plain text. The same seed gives the same rows.
+(with `assistant_only_loss: false`, loss on every token): the story, the exercise or the chain's plan is the user
+turn, the plan or the working the assistant's. The same seed gives the same rows.
 """
 
 import io
@@ -23,24 +31,21 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.toyworld.problems import Step, working
+from data.toyworld.problems import Step, later_step, working
 
-CORPUS_VERSION = 1  # bump when the corpus text changes
-EXERCISES_PER_ROW, FACTS_PER_ROW = 4, 16
+CORPUS_VERSION = 3  # bump when the corpus text changes
+CHAIN_STEPS = (2, 4)  # operations per chain, the multi-step problems' 2-3 and one more
 FIRST = re.compile(r"(\d+)([+\-*])(\d+)")
 LATER = re.compile(r"\)([+\-*])(\d+)")
 
 
 def corpus_rows(train: list[dict], test: list[dict], seed: int) -> list[dict]:
-    """Stories of `train` with their plans, as many exercises as stories, a tenth as many drill rows; shuffled."""
+    """Stories of `train` with their plans, as many exercises as stories, half as many chains; shuffled."""
     rng = random.Random(f"toyworld-corpus-{seed}")
     held_out = {step for problem in test for step in steps_of(problem)}
     rows = [story_row(p) for p in train]
-    exercises = exercise_steps(rng, len(train), held_out)
-    rows += [plain_row("exercise", "\n\n".join("\n".join(working(s)) for s in exercises[i:i + EXERCISES_PER_ROW]))
-             for i in range(0, len(exercises), EXERCISES_PER_ROW)]
-    rows += [plain_row("drill", "\n".join(rng.choice(rng.choice(FACTS)) for _ in range(FACTS_PER_ROW)))
-             for _ in range(max(1, len(train) // 10))]
+    rows += [exercise_row(s) for s in exercise_steps(rng, len(train), held_out)]
+    rows += [chain_row(chain_steps(rng, held_out)) for _ in range(max(1, len(train) // 2))]
     rng.shuffle(rows)
     return rows
 
@@ -61,19 +66,28 @@ def steps_of(problem: dict) -> list[Step]:
     return steps
 
 
-def plan(problem: dict) -> str:
+def plan(steps: list[Step]) -> str:
     """The operand plan: the first operation as the story states it, then each later operator and number."""
-    first, *later = steps_of(problem)
+    first, *later = steps
     return "\n".join([f"{first.a}{first.op}{first.b}", *(f"{s.op}{s.b}" for s in later)])
 
 
 def story_row(problem: dict) -> dict:
     return {"kind": "story", "problem_id": problem["id"],
-            "messages": [_message("user", problem["prompt"]), _message("assistant", plan(problem))]}
+            "messages": [_message("user", problem["prompt"]), _message("assistant", plan(steps_of(problem)))]}
 
 
-def plain_row(kind: str, text: str) -> dict:
-    return {"kind": kind, "problem_id": None, "messages": [_message("assistant", text)]}
+def chain_row(steps: list[Step]) -> dict:
+    """A plan on random numbers, answered with each step worked, a later one starting from the previous result."""
+    return {"kind": "chain", "problem_id": None,
+            "messages": [_message("user", plan(steps)),
+                         _message("assistant", "\n".join(line for step in steps for line in working(step)))]}
+
+
+def exercise_row(step: Step) -> dict:
+    """The step asked as it is written ("474-12") and answered with its working, which starts by copying it."""
+    return {"kind": "exercise", "problem_id": None,
+            "messages": [_message("user", f"{step.a}{step.op}{step.b}"), _message("assistant", "\n".join(working(step)))]}
 
 
 def _message(role: str, content: str) -> dict:
@@ -88,6 +102,16 @@ def exercise_steps(rng: random.Random, n: int, held_out: set[Step]) -> list[Step
         if step not in held_out:
             steps.append(step)
     return steps
+
+
+def chain_steps(rng: random.Random, held_out: set[Step]) -> list[Step]:
+    """An exercise, then later steps on its running total as the problems make them; no step is held out."""
+    while True:
+        steps, n = [_exercise(rng)], rng.randint(*CHAIN_STEPS)
+        while len(steps) < n:
+            steps.append(later_step(rng, steps[-1].result))
+        if not held_out.intersection(steps):
+            return steps
 
 
 def _exercise(rng: random.Random) -> Step:
@@ -105,18 +129,3 @@ def _number(rng: random.Random) -> int:
     """One to four digits, about equally often: first steps and the running totals of later ones."""
     digits = rng.choice((1, 2, 2, 3, 4))
     return rng.randint(2 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
-
-
-def _facts() -> tuple[tuple[str, ...], ...]:
-    """Every one-digit fact a column can need, by kind (a drill line picks a kind, then a fact)."""
-    return (
-        tuple(f"{x}+{y}={x + y}" for x in range(10) for y in range(10)),
-        tuple(f"{x}+{y}+1={x + y + 1}" for x in range(10) for y in range(10)),
-        tuple(f"{x}-{y}={x - y}" for x in range(10) for y in range(x + 1)),
-        tuple(f"1{x}-{y}={10 + x - y}" for x in range(10) for y in range(x + 1, 10)),
-        tuple(f"{x}*{k}={x * k}" for x in range(10) for k in range(2, 10)),
-        tuple(f"{x * k}+{c}={x * k + c}" for x in range(10) for k in range(2, 10) for c in range(1, k)),
-    )
-
-
-FACTS = _facts()

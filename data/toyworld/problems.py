@@ -160,7 +160,7 @@ def _first_step(rng: random.Random, op: str) -> Step:
     return Step("*", rng.randint(10, 99), rng.randint(2, 9))
 
 
-def _later_step(rng: random.Random, total: int) -> Step:
+def later_step(rng: random.Random, total: int) -> Step:
     """A step on the running total; totals stay >= 2 and only two-digit totals are multiplied."""
     ops = ["+"] + (["-"] if total >= 4 else []) + (["*"] if total <= 99 else [])
     op = rng.choice(ops)
@@ -176,7 +176,7 @@ def _steps(rng: random.Random, difficulty: int) -> list[Step]:
         return [_first_step(rng, "+-*"[difficulty - 1])]
     steps = [_first_step(rng, rng.choice("+-*"))]
     while len(steps) < difficulty - 2:  # difficulty 4 -> 2 steps, 5 -> 3 steps
-        steps.append(_later_step(rng, steps[-1].result))
+        steps.append(later_step(rng, steps[-1].result))
     return steps
 
 
