@@ -30,7 +30,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data.toyworld.corpus import CORPUS_VERSION, corpus_parquet, corpus_rows
 from data.toyworld.models import SIZES, build_model, count_parameters, save_model
-from data.toyworld.problems import GENERATOR_VERSION, generate_problems, gold_conversation, to_jsonl
+from data.toyworld.problems import (
+    DIFFICULTIES,
+    GENERATOR_VERSION,
+    generate_problems,
+    gold_conversation,
+    to_jsonl,
+)
 from data.toyworld.tokenizer import TOKENIZER_VERSION, corpus, save_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,15 +75,18 @@ class ToyWorld:
 N_TRAIN, N_TEST = 10000, 500
 
 
-def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST) -> ToyWorld:
+def build(out_dir: Path, seed: int = 0, n_train: int = N_TRAIN, n_test: int = N_TEST,
+          max_difficulty: int = DIFFICULTIES[-1]) -> ToyWorld:
     """Build (or check and reuse) the toy world in out_dir; returns its paths."""
     paths = ToyWorld.at(out_dir)
     recipe = {"generator_version": GENERATOR_VERSION, "tokenizer_version": TOKENIZER_VERSION, "seed": seed,
               "n_train": n_train, "n_test": n_test}
+    if max_difficulty != DIFFICULTIES[-1]:  # recorded only when set, so worlds built before the flag still match
+        recipe["max_difficulty"] = max_difficulty
     _check_manifest(paths.manifest, recipe)
 
     # ---- problems: cheap to regenerate, so an existing file is compared byte for byte
-    splits = generate_problems(seed, n_train, n_test)
+    splits = generate_problems(seed, n_train, n_test, max_difficulty)
     hashes = {}
     for split, path in (("train", paths.train), ("test", paths.test)):
         content = to_jsonl(splits[split])

@@ -223,14 +223,16 @@ def make_problem(rng: random.Random, difficulty: int, split: str, index: int) ->
     }
 
 
-def generate_split(seed: int, split: str, n: int, exclude: frozenset[str] = frozenset()) -> list[dict]:
-    """n problems with distinct prompts (none in `exclude`), difficulties 1..5 in turn."""
+def generate_split(seed: int, split: str, n: int, exclude: frozenset[str] = frozenset(),
+                   max_difficulty: int = DIFFICULTIES[-1]) -> list[dict]:
+    """n problems with distinct prompts (none in `exclude`), difficulties 1..max_difficulty in turn."""
+    levels = DIFFICULTIES[:max_difficulty]
     rng = random.Random(f"toyworld-{seed}-{split}")  # str seeds are hashed with sha512: stable across runs
     problems, seen = [], set(exclude)
     for _ in range(100 * n + 100):  # bounded: a too-large n for the story space fails instead of spinning
         if len(problems) == n:
             return problems
-        problem = make_problem(rng, DIFFICULTIES[len(problems) % 5], split, len(problems))
+        problem = make_problem(rng, levels[len(problems) % len(levels)], split, len(problems))
         if problem["prompt"] not in seen:
             seen.add(problem["prompt"])
             problems.append(problem)
@@ -239,10 +241,14 @@ def generate_split(seed: int, split: str, n: int, exclude: frozenset[str] = froz
     return problems
 
 
-def generate_problems(seed: int = 0, n_train: int = 10000, n_test: int = 500) -> dict[str, list[dict]]:
-    """The train and held-out test splits; the test split is drawn first and train avoids its prompts."""
-    test = generate_split(seed, "test", n_test)
-    train = generate_split(seed, "train", n_train, exclude=frozenset(p["prompt"] for p in test))
+def generate_problems(seed: int = 0, n_train: int = 10000, n_test: int = 500,
+                      max_difficulty: int = DIFFICULTIES[-1]) -> dict[str, list[dict]]:
+    """The train and held-out test splits; the test split is drawn first and train avoids its prompts. A lower
+    max_difficulty keeps only the easiest levels (one-step sums and differences at 2: what a small teacher learns
+    in a few hundred steps, for the CI-size quickstart)."""
+    test = generate_split(seed, "test", n_test, max_difficulty=max_difficulty)
+    train = generate_split(seed, "train", n_train, exclude=frozenset(p["prompt"] for p in test),
+                           max_difficulty=max_difficulty)
     overlap = {p["prompt"] for p in train} & {p["prompt"] for p in test}
     assert not overlap, f"train and test share {len(overlap)} prompts"
     return {"train": train, "test": test}

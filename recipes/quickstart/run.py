@@ -35,13 +35,12 @@ ROOT = RECIPE.parents[1]
 PY = sys.executable
 # What changes between the full run and the CI run: only sizes, never the code path.
 SIZES = {
-    "full": {"n_train": 10000, "n_test": 500, "base_steps": 1000, "teacher_steps": 1000, "problems": 800, "n": 4,
-             "student_steps": 500, "eval_problems": 200, "eval_n": 4},
-    # the full world (a teacher trained on 600 problems memorizes them and fails held-out ones: its traces were
-    # almost all wrong and the curated set came out empty; the same bytes, so the two sizes can share it) and the
-    # full teacher; a short base, fewer traces, students, evals
-    "ci": {"n_train": 10000, "n_test": 500, "base_steps": 40, "teacher_steps": 1000, "problems": 200, "n": 4,
-           "student_steps": 40, "eval_problems": 40, "eval_n": 2},
+    "full": {"n_train": 10000, "n_test": 500, "max_difficulty": 5, "base_steps": 1000, "teacher_steps": 1000,
+             "problems": 800, "n": 4, "student_steps": 500, "eval_problems": 200, "eval_n": 4},
+    # a world of one-step sums and differences only (difficulty 1-2: short examples, which the teacher learns in
+    # a fraction of the full world's 1,000 steps), a short base, fewer traces, students, evals
+    "ci": {"n_train": 10000, "n_test": 500, "max_difficulty": 2, "base_steps": 40, "teacher_steps": 600,
+           "problems": 200, "n": 4, "student_steps": 40, "eval_problems": 40, "eval_n": 2},
 }
 # Each student is `sft-<name>.yaml` from the student base on <run>/unfiltered or <run>/curated; add a row by adding
 # a name here and its YAML (report.py's WHAT says what it is).
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- 1. the toy world -----------------------------------------------------------------------------------
     stage("world", PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
-          "--n-test", size["n_test"])
+          "--n-test", size["n_test"], "--max-difficulty", size["max_difficulty"])
     # --- 2. the student base: pretrained on the corpus, or reused from the cache ---------------------------
     base, cached = student_base(world, size, args.bases, stage)
     (run / "student-base.json").write_text(json.dumps({"path": str(base), "cached": cached}, indent=2) + "\n")
