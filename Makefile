@@ -23,8 +23,11 @@ quickstart: setup
 quickstart-ci: setup
 	$(PY) recipes/quickstart/run.py --size ci --run_dir runs/quickstart-ci --world cache/toyworld-ci
 
+# Two workers (pytest-xdist): most slow tests wait on subprocesses and servers, so two fill 2 cores better than one.
+# --dist loadfile keeps each file on one worker, so a module's fixture (the CI quickstart's ~5 min run, a vLLM
+# server) is built once, and the quickstart runs beside the other files rather than after them.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
