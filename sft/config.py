@@ -21,7 +21,7 @@ from data.config import parse_config as parse
 
 log = logging.getLogger(__name__)
 KD_MODES = ("none", "sparse", "online", "on_policy")
-ON_POLICY_LOSSES = ("reverse", "forward")
+ON_POLICY_LOSSES = ("reverse", "sampled_reverse", "forward")
 ON_POLICY_SAMPLERS = ("generate", "vllm")
 DIVERGENCES = ("forward", "reverse", "jsd")
 QAT_SCHEMES = ("none", "int8", "int4", "w8a8")  # sft/qat.py
@@ -79,9 +79,10 @@ class DistillArguments:
         "on_policy: the environment variable holding the teacher server's API key (never stored or shown).",
         default=None)
     on_policy_loss: str = documented(
-        "on_policy: reverse (the default: per-token reverse KL on the sampled token, teacher logprob minus the "
-        "student's, as Qwen3 / Tinker / TRL do it) or forward (the K+1-bucket forward KL of kd: sparse over the "
-        "teacher's top-k of the student's tokens). Curated batches always use the forward KL.", default="reverse")
+        "on_policy: reverse (the default: KL(student || teacher) at each position over its K+1 outcomes, exact over "
+        "them), sampled_reverse (the per-token estimate on the sampled token, teacher logprob minus the student's, "
+        "as Tinker does it; noisy) or forward (the K+1-bucket forward KL of kd: sparse over the teacher's top-k of "
+        "the student's tokens). Curated batches always use the forward KL.", default="reverse")
     on_policy_lambda: float = documented(
         "on_policy: GKD's lambda, the share of batches whose completions the student samples; the others keep the "
         "curated completion and train on cross-entropy plus the forward KL to the teacher's scores.", default=0.5)

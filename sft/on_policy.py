@@ -14,10 +14,11 @@ teachers give the same scores:
     HTTP engine (its retries, balancing over several base URLs, redacted errors);
   - in process: teacher_model's own logits (what TRL's DistillationTrainer does).
 Losses (DistillTrainer's named parts, weighed kd_alpha for `ce` and (1 - kd_alpha) * T^2 for `kd`, T from
-`kd_temperature()`): on the student's samples, `kd` is on_policy_loss -- reverse (default): the per-token reverse
-KL on the sampled token, log p_student(y) - log p_teacher(y), whose gradient is that difference (detached) times
-the gradient of log p_student(y), the score-function estimate of the reverse KL of the student's own samples
-(Qwen3's and Tinker's on-policy distillation); forward: the K+1-bucket forward KL of kd: sparse. No `ce` there
+`kd_temperature()`): on the student's samples, `kd` is on_policy_loss -- reverse (default): KL(student ||
+teacher) at every position over its K+1 outcomes, exact over them (GKD's reverse KL on the student's own
+sequences); sampled_reverse: the per-token estimate on the sampled token, log p_student(y) - log p_teacher(y), whose
+gradient is that difference (detached) times the gradient of log p_student(y) (Tinker's on-policy distillation;
+one token per position makes it noisy); forward: the K+1-bucket forward KL of kd: sparse. No `ce` there
 (the student's tokens are not targets); the part is logged as `kd_on_policy`. On curated batches: `ce` plus the
 forward K+1 KL (`kd`). Each part is logged as the mean over the tokens of its own kind of batch. Each micro-batch is
 rebuilt (sampled, scored) as the trainer pulls it, so the loss is normalised by the tokens actually trained on,
@@ -259,36 +260,81 @@ def sample_completions(model, prompts: list[list[int]], max_new_tokens: int, tem
 
 
 # ---------------------------------------------------------------------------------------- the reverse KL
+TEACHER_FLOOR = -20.0  # a teacher outcome's logprob at least this (e^-20): its listed tokens may hold all the mass
+
+
+def reverse_kl(hidden, head: OutputHead, labels, top_ids, top_logprobs, rest_logprobs, temperature: float,
+               chunk_size: int = 1024):
+    """(reverse KL, tokens), sums over the completion positions (labels != -100, the student's sampled tokens).
+
+    At each position, KL(p_s || p_t) = sum_o p_s(o) (log p_s(o) - log p_t(o)) over the position's K+1 outcomes
+    (the teacher's top-k, the sampled token when it is not among them, the rest), both tempered at T: the GKD
+    reverse KL on the student's own sequences, computed exactly over the outcomes the teacher scored, so its
+    gradient has no sampling noise at the position (only the sequences are samples). A chunk's logits are
+    recomputed in the backward pass."""
+    mask, h, ids, teacher = _outcomes(hidden, labels, top_ids, top_logprobs, rest_logprobs, temperature)
+    kl = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(ids), chunk_size):
+        sl = slice(start, start + chunk_size)
+        kl = kl + checkpoint(_chunk_reverse_kl, h[sl], head.weight, head.bias, ids[sl], teacher[sl], head.scale,
+                             head.softcap, temperature, use_reentrant=False)
+    return kl, mask.sum()
+
+
+def _chunk_reverse_kl(h, weight, bias, ids, teacher, scale: float, softcap: float | None, temperature: float):
+    student = _student_outcomes(h, weight, bias, ids, scale, softcap, temperature)
+    valid = teacher > -torch.inf
+    difference = student.masked_fill(~valid, 0.0) - teacher.masked_fill(~valid, 0.0)
+    return (student.exp() * difference).sum()
+
+
 def sampled_reverse_kl(hidden, head: OutputHead, labels, top_ids, top_logprobs, rest_logprobs, temperature: float,
                        chunk_size: int = 1024):
-    """(surrogate, reverse KL, tokens), sums over the completion positions (labels != -100, the sampled tokens y).
+    """(surrogate, reverse KL estimate, tokens), sums over the completion positions (the sampled tokens y).
 
-    reverse KL = sum_t log p_s(y_t) - log p_t(y_t), both over the K+1 outcomes tempered at T (at T = 1 exactly the
-    models' own logprobs: y_t is always a listed outcome). The surrogate has the reverse KL's value and the gradient
+    reverse KL estimate = sum_t log p_s(y_t) - log p_t(y_t), both over the K+1 outcomes tempered at T (at T = 1
+    exactly the models' own logprobs: y_t is always a listed outcome). The surrogate has that value and the gradient
     of sum_t d_t * log p_s(y_t), d_t that difference detached: the score-function gradient of the reverse KL of the
     student's own samples (its pathwise part, sum_t grad log p_s(y_t), has expectation zero and is left out).
-    A chunk's logits are recomputed in the backward pass (one chunk of [positions, vocabulary] at a time)."""
-    mask = labels[:, 1:] != -100
-    h, target = hidden[:, :-1][mask], labels[:, 1:][mask]
-    ids, logprobs, rest = top_ids[:, 1:][mask], top_logprobs[:, 1:][mask].float(), rest_logprobs[:, 1:][mask].float()
+    One sampled token per position makes it noisy: see on_policy_loss in sft/README.md."""
+    mask, h, ids, teacher = _outcomes(hidden, labels, top_ids, top_logprobs, rest_logprobs, temperature)
+    target = labels[:, 1:][mask]
     slot = (ids == target[:, None]).int().argmax(1)
     if not bool((ids.gather(1, slot[:, None]).squeeze(1) == target).all()):
         raise ValueError("sampled_reverse_kl: a sampled token is missing from the teacher's listed tokens")
-    teacher = torch.cat([logprobs, rest[:, None]], 1).div(temperature).log_softmax(-1).gather(1, slot[:, None])
+    teacher = teacher.gather(1, slot[:, None]).squeeze(1)
     surrogate = h.new_zeros((), dtype=torch.float32)
     kl = h.new_zeros((), dtype=torch.float32)
     for start in range(0, len(target), chunk_size):
         sl = slice(start, start + chunk_size)
         student = checkpoint(_student_logprob, h[sl], head.weight, head.bias, ids[sl], slot[sl], head.scale,
                              head.softcap, temperature, use_reentrant=False)
-        difference = (student - teacher[sl].squeeze(1)).detach()
+        difference = (student - teacher[sl]).detach()
         surrogate = surrogate + (difference * student).sum()
         kl = kl + difference.sum()
     return surrogate + (kl - surrogate).detach(), kl, mask.sum()  # the value of the KL, the surrogate's gradient
 
 
+def _outcomes(hidden, labels, top_ids, top_logprobs, rest_logprobs, temperature: float):
+    """The completion positions' mask, hidden states (the position before each token), listed ids [n, K+1] and the
+    teacher's tempered log-probs over the K+1 outcomes [n, K+2] (-inf pads; floored at TEACHER_FLOOR)."""
+    mask = labels[:, 1:] != -100
+    h, ids = hidden[:, :-1][mask], top_ids[:, 1:][mask]
+    teacher = torch.cat([top_logprobs[:, 1:][mask].float(), rest_logprobs[:, 1:][mask].float()[:, None]], 1)
+    valid = torch.cat([ids >= 0, torch.ones_like(ids[:, :1], dtype=torch.bool)], 1)
+    teacher = torch.where(valid, teacher.clamp(min=TEACHER_FLOOR), -torch.inf)
+    return mask, h, ids, teacher.div(temperature).log_softmax(-1)
+
+
 def _student_logprob(h, weight, bias, ids, slot, scale: float, softcap: float | None, temperature: float):
-    """log p_s of each position's `slot` among its K+1 outcomes (the listed ids, -1 pads, and the rest) at T."""
+    """log p_s of each position's `slot` among its K+1 outcomes, tempered at T."""
+    outcomes = _student_outcomes(h, weight, bias, ids, scale, softcap, temperature)
+    return outcomes.gather(1, slot[:, None]).squeeze(1)
+
+
+def _student_outcomes(h, weight, bias, ids, scale: float, softcap: float | None, temperature: float):
+    """The student's log-probs [n, K+2] of each position's K+1 outcomes (the listed ids, -1 pads, and the rest)
+    tempered at T."""
     z = h.float() @ weight.float().t()
     if bias is not None:
         z = z + bias.float()
@@ -300,7 +346,7 @@ def _student_logprob(h, weight, bias, ids, slot, scale: float, softcap: float | 
     lse = z.logsumexp(-1, keepdim=True)
     listed = (z.gather(1, safe) - lse).masked_fill(~valid, -torch.inf)
     rest = (z.scatter(1, safe, -torch.inf).logsumexp(-1, keepdim=True) - lse).clamp(min=-1e4)
-    return torch.cat([listed, rest], 1).div(temperature).log_softmax(-1).gather(1, slot[:, None]).squeeze(1)
+    return torch.cat([listed, rest], 1).div(temperature).log_softmax(-1)
 
 
 # ---------------------------------------------------------------------------------------- the trainer
@@ -385,6 +431,9 @@ class OnPolicyTrainer(DistillTrainer):
         teacher = inputs["teacher_top_ids"], inputs["teacher_top_logprobs"], inputs["teacher_rest_logprobs"]
         on_policy = bool(inputs["on_policy"])
         if on_policy and self.distill.on_policy_loss == "reverse":
+            kd, tokens = reverse_kl(hidden, head, labels, *teacher, temperature, self.distill.kd_chunk_size)
+            return weights["kd"] * kd, {"kd_on_policy": kd.detach()}, tokens
+        if on_policy and self.distill.on_policy_loss == "sampled_reverse":
             surrogate, kd, tokens = sampled_reverse_kl(hidden, head, labels, *teacher, temperature,
                                                        self.distill.kd_chunk_size)
             return weights["kd"] * surrogate, {"kd_on_policy": kd}, tokens

@@ -4,6 +4,7 @@ the setting, and a killed run that resumes."""
 
 import copy
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sft.config import DistillArguments
 from sft.losses import OutputHead
 from sft.main import main
-from sft.on_policy import LocalTeacher, OnPolicyTrainer, sampled_reverse_kl
+from sft.on_policy import TEACHER_FLOOR, LocalTeacher, OnPolicyTrainer, reverse_kl, sampled_reverse_kl
 from tests.sft.tiny import tiny_model, training_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,8 +55,9 @@ def make_trainer(tokenizer, tmp_path, student, teacher, **distill):
 
 def dense_loss(student, batch, distill: DistillArguments, on_policy: bool):
     """The loss from the student's full float64 logits, position by position, and the teacher's listed scores from
-    the batch: reverse (on the student's samples), d_t * log p_s(y_t) with d_t detached, plus the value correction
-    that makes it the KL; forward: alpha * CE (curated only) + (1 - alpha) * T^2 * KL over the K+1 outcomes."""
+    the batch, on the student's samples: reverse, KL(p_s || p_t) over the K+1 outcomes; sampled_reverse,
+    d_t * log p_s(y_t) with d_t detached, plus the value correction that makes it the estimate; forward (and every
+    curated batch): alpha * CE (curated only) + (1 - alpha) * T^2 * KL(p_t || p_s) over the K+1 outcomes."""
     t = distill.kd_temperature
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     labels = batch["labels"]
@@ -72,6 +74,8 @@ def dense_loss(student, batch, distill: DistillArguments, on_policy: bool):
         log_ps = (torch.cat([logq[i, ids[i][keep]], logq[i, outside].logsumexp(0, keepdim=True)]) / t).log_softmax(0)
         log_pt = (torch.cat([top[i][keep], rest[i:i + 1]]) / t).log_softmax(0)
         if on_policy and distill.on_policy_loss == "reverse":
+            kd = kd + (log_ps.exp() * (log_ps - log_pt)).sum()
+        elif on_policy and distill.on_policy_loss == "sampled_reverse":
             slot = int((ids[i][keep] == target[i]).nonzero())
             d = (log_ps[slot] - log_pt[slot]).detach()
             kd = kd + d * log_ps[slot] + (d - d * log_ps[slot]).detach()
@@ -88,7 +92,7 @@ def test_loss_and_gradient_equal_the_full_logits_reference(tokenizer, tmp_path, 
     student64 = copy.deepcopy(student).double().train()
     trainer = make_trainer(tokenizer, tmp_path, student, teacher, kd_temperature=2.0, kd_alpha=0.3)
     rows = [trainer.train_dataset[i] for i in range(4)]
-    for loss_name in ("reverse", "forward"):
+    for loss_name in ("reverse", "sampled_reverse", "forward"):
         for on_policy in (True, False):
             trainer.distill = replace(trainer.distill, on_policy_loss=loss_name,
                                       on_policy_lambda=1.0 if on_policy else 0.0)
@@ -124,6 +128,26 @@ def test_reverse_kl_is_zero_when_the_student_is_the_teacher(tokenizer, tmp_path)
         loss.backward()
         assert abs(loss.item()) < 1e-6
         assert max(p.grad.abs().max().item() for p in student.parameters()) < 1e-6
+
+
+def test_a_teacher_whose_listed_tokens_hold_all_the_mass_gives_a_finite_reverse_kl():
+    """vLLM's rounding can leave no mass outside the listed tokens (rest = -inf): the rest counts as e^TEACHER_FLOOR
+    and the reverse KL and its gradient stay finite, equal to the dense KL with that floor."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(1, 2, 4, dtype=torch.float64)
+    ids = torch.tensor([[[-1, -1], [3, 7]]])
+    listed = torch.tensor([[[-torch.inf, -torch.inf], [0.1, 0.9]]], dtype=torch.float64).log()
+    rest = torch.tensor([[-torch.inf, -torch.inf]], dtype=torch.float64)
+    kl, tokens = reverse_kl(h, OutputHead(weight), torch.tensor([[-100, 7]]), ids, listed, rest, 1.0)
+    kl.backward()
+    assert tokens == 1 and torch.isfinite(kl) and torch.isfinite(weight.grad).all()
+    log_q = (h[0, 0] @ weight.detach().t()).log_softmax(-1)
+    outside = torch.ones(12, dtype=torch.bool)
+    outside[[3, 7]] = False
+    log_ps = torch.stack([log_q[3], log_q[7], log_q[outside].logsumexp(0)])
+    log_pt = torch.tensor([0.1, 0.9, math.exp(TEACHER_FLOOR)], dtype=torch.float64).log().log_softmax(0)
+    assert kl.item() == pytest.approx((log_ps.exp() * (log_ps - log_pt)).sum().item(), rel=1e-5)
 
 
 def test_the_local_teacher_lists_its_top_k_the_sampled_token_and_the_rest(tokenizer):
