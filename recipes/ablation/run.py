@@ -37,8 +37,11 @@ HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "quickstart"
 PY = sys.executable
 SIZES = {  # the quickstart size this builds on; per-arm steps and the evaluation, equal for every arm
-    "full": {"quickstart": "full", "steps": 500, "eval_problems": 200, "eval_n": 4, "seeds": (0, 1)},
-    "tiny": {"quickstart": "ci", "steps": 10, "eval_problems": 10, "eval_n": 1, "seeds": (0,)},
+    "full": {"quickstart": "full", "world": "cache/toyworld", "steps": 500, "eval_problems": 200, "eval_n": 4,
+             "seeds": (0, 1)},
+    # the CI quickstart's world (difficulties 1-2) is a different world: its own default folder, as make quickstart-ci
+    "tiny": {"quickstart": "ci", "world": "cache/toyworld-ci", "steps": 10, "eval_problems": 10, "eval_n": 1,
+             "seeds": (0,)},
 }
 TEACHER = "{run}/checkpoints/teacher"
 QUICKSTART_MADE = ("student-base.json", "checkpoints/teacher", "curation.duckdb", "curated", "unfiltered")
@@ -78,6 +81,7 @@ PTQ = {"ptq-int8": "int8", "ptq-int4": "int4"}
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size, run = SIZES[args.size], args.run_dir
+    args.world = args.world or Path(size["world"])
     arms = [arm for arm in ARMS if not args.arms or arm[0] in args.arms]
     if args.arms and len(arms) != len(set(args.arms)):
         print(f"recipes/ablation/run.py: --arms: unknown {sorted(set(args.arms) - {a[0] for a in arms})}; "
@@ -236,7 +240,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="recipes/ablation/run.py", allow_abbrev=False)
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full, or tiny for the plumbing")
     parser.add_argument("--run_dir", type=Path, default=Path("runs/ablation"), help="where everything goes")
-    parser.add_argument("--world", type=Path, default=Path("cache/toyworld"), help="where the toy world is built")
+    parser.add_argument("--world", type=Path, default=None,
+                        help="where the toy world is built (default: cache/toyworld, tiny: cache/toyworld-ci)")
     parser.add_argument("--bases", type=Path, default=Path("cache/bases"), help="where pretrained bases are cached")
     parser.add_argument("--arms", type=lambda s: s.split(","), default=None,
                         help="comma-separated arm names (default: all)")
