@@ -7,6 +7,7 @@ Derived here instead of TRL's defaults (each logged when it applies): max_length
 1024 would cut long traces silently), bf16 only on a GPU, no gradient checkpointing on a CPU.
 """
 
+import json
 import logging
 import os
 import shlex
@@ -215,7 +216,7 @@ def check_beyond_logits(args: DistillArguments) -> dict[int, int] | None:
 def check_on_policy(args: DistillArguments) -> None:
     """kd: on_policy's teacher and sampling settings (and that they are not set for another mode)."""
     if isinstance(args.teacher_serve_args, str):
-        args.teacher_serve_args = shlex.split(args.teacher_serve_args)
+        args.teacher_serve_args = _argument_list(args.teacher_serve_args, "teacher_serve_args")
     if isinstance(args.teacher_base_url, str):
         args.teacher_base_url = [args.teacher_base_url]
     served = [name for name in ("teacher_base_url", "teacher_serve_model") if getattr(args, name)]
@@ -267,6 +268,19 @@ def check_vllm_sampler(args: DistillArguments) -> None:
     if args.on_policy_sampler == "vllm" and args.qat != "none":
         raise ConfigError(f"on_policy_sampler: vllm would sample the student's float weights, not its fake-quantized "
                           f"ones (qat: {args.qat}); use on_policy_sampler: generate with qat")
+
+
+def _argument_list(value: str, setting: str) -> list[str]:
+    """Command-line arguments given as one string: shell words ("--max-model-len 1024"), or a JSON list."""
+    if not value.lstrip().startswith("["):
+        return shlex.split(value)
+    try:
+        words = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{setting}: {value!r} starts like a JSON list but is not one ({e})") from None
+    if not all(isinstance(w, str) for w in words):
+        raise ConfigError(f"{setting}: a JSON list of strings, got {value!r}")
+    return words
 
 
 def _layer_map(value) -> dict[int, int] | None:

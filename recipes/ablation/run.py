@@ -49,7 +49,7 @@ ONLINE = ["--kd", "online", "--teacher_model", TEACHER]
 # On-policy distillation (kd: on_policy, sft/on_policy.py), as recipes/quickstart/sft-filtered-on-policy.yaml: half
 # the batches the student's own samples graded by the served teacher (reverse KL), half the curated traces.
 ON_POLICY = ["--kd", "on_policy", "--teacher_serve_model", TEACHER, "--on_policy_top_k", "5", "--teacher_serve_args",
-             '["--max-model-len", "1024", "--gpu-memory-utilization", "0.2", "--enforce-eager"]']
+             "--max-model-len 1024 --gpu-memory-utilization 0.2 --enforce-eager"]
 # (name, group, data, sft flags on top of recipes/quickstart/sft-filtered-full.yaml). Data: curated, unfiltered,
 # confident (most confident per problem), quarter, half (of curated). "filtered" is the reference of every group.
 ARMS = [

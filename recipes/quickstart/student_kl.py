@@ -15,8 +15,8 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from sft.on_policy import sample_completions  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere: the repo's stages
+from sft.on_policy import sample_completions
 
 
 def main(argv: list[str] | None = None) -> int:
