@@ -27,8 +27,10 @@ quickstart-ci: setup
 # --dist loadfile keeps each file on one worker, so a module's fixture (the CI quickstart's run, a vLLM server) is
 # built once; --no-loadscope-reorder hands out files in collection order, where tests/conftest.py puts the longest
 # first (xdist's default, files with the most tests first, started the quickstart last: it ran after the others).
+# OMP_NUM_THREADS=1: one torch thread per worker; with torch's default of one per core, two workers' threads
+# contend for 2 cores (two concurrent 100-step trainings here: 485 s with the default, 104 s with 1).
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -2,8 +2,9 @@
 trains like it and is evaluated converted), and recipes/quantization/run.py (QAT vs PTQ of one toy student) end to
 end at tiny size (slow): the same stages and code path as the measured full run, a 200-problem world, 4 steps, 4
 held-out problems. Asserts the plumbing: the eight models are the ones the table names, QAT and PTQ quantize with
-the same config, and a rerun redoes nothing. The first run calls each stage's main() in this process (fifteen
-`python -m` launches would pay the torch imports fifteen times, most of the run); the rerun is the real command."""
+the same config, and a rerun redoes nothing. The first run calls each stage's main() in this process
+(tests/stages.py: fifteen launches would pay the torch imports fifteen times, most of the run); the rerun is the
+real command."""
 
 import importlib.util
 import json
@@ -14,13 +15,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.stages import in_process
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("float", "ptq-int8", "ptq-int4", "qat-int8", "qat-int4", "qat-int8-float", "qat-int4-float", "float-s1")
-
-
-# `python -m <name>` of each stage the recipe runs: the module holding its main()
-MAINS = {"data.toyworld": "data.toyworld.__main__", "sft": "sft.main", "sft.quantize": "sft.quantize",
-         "evals": "evals.main"}
 
 
 def _args(run_dir: Path, world: Path) -> list[str]:
@@ -30,16 +28,6 @@ def _args(run_dir: Path, world: Path) -> list[str]:
 def _run(run_dir: Path, world: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "recipes/quantization/run.py", *_args(run_dir, world)], cwd=ROOT,
                           capture_output=True, text=True)
-
-
-def _in_process(cmd: list[str]) -> int:
-    """A stage's command `python -m <name> ...` as its main(...) here: its exit code, as the launch would give."""
-    assert cmd[:2] == [sys.executable, "-m"], cmd
-    main = importlib.import_module(MAINS[cmd[2]]).main
-    try:
-        return main(cmd[3:]) or 0
-    except SystemExit as e:
-        return e.code
 
 
 def _script(name: str):
@@ -84,7 +72,7 @@ def test_ablation_qat_arms_train_like_filtered_and_evaluate_the_converted_model(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("quantization")
-    assert _script("quantization").main(_args(base / "run", base / "world"), call=_in_process) == 0
+    assert _script("quantization").main(_args(base / "run", base / "world"), call=in_process) == 0
     return base
 
 
