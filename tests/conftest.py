@@ -1,5 +1,15 @@
 import pytest
 
+# The modules whose fixture runs for minutes, longest first. `make test` (--dist loadfile --no-loadscope-reorder)
+# hands whole files to its two workers in collection order: these start at once, one per worker, and the short
+# files fill in beside them (xdist's default order, most tests first, started them last: the run's long tail).
+LONG_POLES = ("tests/test_quickstart.py", "tests/sft/test_qat_arms.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONG_POLES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_POLES)))  # stable: the rest keep theirs
+
 
 @pytest.fixture(scope="session")
 def toyworld(tmp_path_factory):

@@ -1,15 +1,16 @@
 """The quickstart (recipes/quickstart/run.py) end to end at CI size: the same stages and code path as
-`make quickstart`, fewer problems and steps. Asserts the pipeline's invariants, not accuracies."""
+`make quickstart`, fewer problems and steps, each stage's main() called in this process (tests/stages.py: the
+launches' imports were minutes of the run). Asserts the pipeline's invariants, not accuracies."""
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import duckdb
 import pytest
+
+from tests.stages import in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
@@ -18,13 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, recipe):
     base = tmp_path_factory.mktemp("quickstart")
     run_dir = base / "run"
-    done = subprocess.run([sys.executable, "recipes/quickstart/run.py", "--size", "ci", "--run_dir", str(run_dir),
-                           "--world", str(base / "world"), "--bases", str(base / "bases")], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert recipe.main(["--size", "ci", "--run_dir", str(run_dir), "--world", str(base / "world"), "--bases",
+                        str(base / "bases")], call=in_process) == 0
     return run_dir
 
 

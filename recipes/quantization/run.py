@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "recipes" / "quickstart"
 PY = sys.executable
 SIZES = {
-    "full": {"n_train": 10000, "n_test": 500, "steps": 1000, "eval_problems": 200, "eval_n": 4},
-    "tiny": {"n_train": 200, "n_test": 20, "steps": 4, "eval_problems": 4, "eval_n": 1},
+    "full": {"n_train": 10000, "n_test": 500, "steps": 1000, "eval_problems": 200, "eval_n": 4, "efficiency": True},
+    # the plumbing only: no efficiency measurement (a fresh process per model; tests/evals/test_efficiency.py and
+    # the CI quickstart check it), so the table's weights column reads "-"
+    "tiny": {"n_train": 200, "n_test": 20, "steps": 4, "eval_problems": 4, "eval_n": 1, "efficiency": False},
 }
 # checkpoint: (its sft `qat`, seed). float-s1 is the float student with another data order: how far two trainings
 # that differ in nothing that matters land apart, the yardstick for a QAT run's difference
@@ -66,31 +68,32 @@ DIFFERENCES = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, call=subprocess.call) -> int:
+    """call: runs one stage's command and returns its exit code (a test runs the stages' main() in process)."""
     args = parse_args(argv)
     size, run, world = SIZES[args.size], args.run_dir, args.world
     checkpoints = run / "checkpoints"
     commands = {}
     # --- 1. the toy world ------------------------------------------------------------------------------------
     run_stage("world", [PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
-                        "--n-test", size["n_test"]])
+                        "--n-test", size["n_test"]], call)
     # --- 2. the float student and the QAT students: same recipe, data, steps and seed -------------------------
     for name, (qat, seed) in TRAINED.items():
         commands[name] = sft_command(world, checkpoints / name, size["steps"], qat, seed)
         if not (checkpoints / name / "sft_metrics.json").exists():
-            run_stage(f"sft {name}", commands[name])
+            run_stage(f"sft {name}", commands[name], call)
     # --- 3. post-training quantization of the float student ----------------------------------------------------
     for name, scheme in PTQ.items():
         commands[name] = [PY, "-m", "sft.quantize", "--model", checkpoints / "float", "--scheme", scheme,
                           "--output_dir", checkpoints / name, "--dataset", world / "gold"]
-        run_stage(f"quantize {name}", commands[name])
+        run_stage(f"quantize {name}", commands[name], call)
     # --- 4. evals on the held-out split ---------------------------------------------------------------------
     done = scores(run)
     for name, (checkpoint, _) in MODELS.items():
         evals = evals_command(world, checkpoints / checkpoint, name, run / "evals", size)
         commands[f"evals {name}"] = evals
         if name not in done:
-            run_stage(f"evals {name}", evals)
+            run_stage(f"evals {name}", evals, call)
     # --- 5. the table ------------------------------------------------------------------------------------------
     (run / "results.md").write_text(results(scores(run), checkpoints, run / "evals" / "samples", commands, size))
     print((run / "results.md").read_text())
@@ -106,7 +109,7 @@ def sft_command(world: Path, out: Path, steps: int, qat: str, seed: int) -> list
 def evals_command(world: Path, model: Path, name: str, out: Path, size: dict) -> list:
     return [PY, "-m", "evals", "--config", QUICKSTART / "evals.yaml", "--model", model, "--model_name", name,
             "--output_dir", out, "--custom_benchmarks", json.dumps({"toy": str(world / "problems" / "test.jsonl")}),
-            "--limit", size["eval_problems"], "--n", size["eval_n"]]
+            "--limit", size["eval_problems"], "--n", size["eval_n"], "--efficiency", str(size["efficiency"]).lower()]
 
 
 def scores(run: Path) -> dict:
@@ -155,11 +158,11 @@ def _num(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)  # a tiny run logs no loss before logging_steps
 
 
-def run_stage(name: str, cmd: list) -> None:
+def run_stage(name: str, cmd: list, call) -> None:
     cmd = [str(c) for c in cmd]
     print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
     start = time.monotonic()
-    if subprocess.call(cmd) != 0:
+    if call(cmd) != 0:
         raise SystemExit(f"recipes/quantization/run.py: stage '{name}' failed (its log is above); rerun to resume")
     print(f"=== {name}: {time.monotonic() - start:.0f} s", flush=True)
 

@@ -38,9 +38,11 @@ SIZES = {
     "full": {"n_train": 10000, "n_test": 500, "max_difficulty": 5, "base_steps": 1000, "teacher_steps": 1000,
              "problems": 800, "n": 4, "student_steps": 500, "eval_problems": 200, "eval_n": 4},
     # a world of one-step sums and differences only (difficulty 1-2: short examples, which the teacher learns in
-    # a fraction of the full world's 1,000 steps), a short base, fewer traces, students, evals
+    # a fraction of the full world's 1,000 steps), a short base, fewer traces, students, evals. 100 problems x 4
+    # traces: 50 and 59 curated from the first and second 100 of a 200-problem run (tests/test_quickstart.py
+    # needs >= 30)
     "ci": {"n_train": 10000, "n_test": 500, "max_difficulty": 2, "base_steps": 40, "teacher_steps": 600,
-           "problems": 200, "n": 4, "student_steps": 40, "eval_problems": 40, "eval_n": 2},
+           "problems": 100, "n": 4, "student_steps": 40, "eval_problems": 40, "eval_n": 2},
 }
 # Each student is `sft-<name>.yaml` from the student base on <run>/unfiltered or <run>/curated; add a row by adding
 # a name here and its YAML (report.py's WHAT says what it is).
@@ -49,14 +51,15 @@ QUANTIZED = {"filtered-full-int8": "filtered-full"}  # a deployed student: weigh
 EVALUATED = ("teacher", "student-base", *STUDENTS, *QUANTIZED)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, call=subprocess.call) -> int:
+    """call: runs one stage's command and returns its exit code (tests/test_quickstart.py runs them in process)."""
     args = parse_args(argv)
     size, run, world = SIZES[args.size], args.run_dir, args.world
     timings = {}
     run.mkdir(parents=True, exist_ok=True)
 
     def stage(name: str, *cmd) -> None:
-        timings[name] = run_stage(name, [str(c) for c in cmd], run)
+        timings[name] = run_stage(name, [str(c) for c in cmd], run, call)
 
     # --- 1. the toy world -----------------------------------------------------------------------------------
     stage("world", PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
@@ -138,20 +141,21 @@ def model_flags(checkpoint: Path, base: Path) -> list:
     return ["--model", checkpoint]
 
 
-def run_stage(name: str, cmd: list[str], run: Path) -> dict:
+def run_stage(name: str, cmd: list[str], run: Path, call) -> dict:
     """Runs one stage; its wall time and CPU time (on a shared machine the CPU time is the steadier measure)."""
     print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
-    start, cpu = time.monotonic(), _children_cpu()
-    code = subprocess.call(cmd)
+    start, cpu = time.monotonic(), _cpu()
+    code = call(cmd)
     if code != 0:
         raise SystemExit(f"quickstart: stage '{name}' failed with exit code {code} (its log is above); "
                          f"fix it and rerun: finished stages are skipped or resumed")
-    return {"wall_s": round(time.monotonic() - start, 1), "cpu_s": round(_children_cpu() - cpu, 1)}
+    return {"wall_s": round(time.monotonic() - start, 1), "cpu_s": round(_cpu() - cpu, 1)}
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children: a stage's, whether launched or called in process."""
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usages)
 
 
 def parse_args(argv):

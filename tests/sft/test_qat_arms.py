@@ -2,7 +2,9 @@
 trains like it and is evaluated converted), and recipes/quantization/run.py (QAT vs PTQ of one toy student) end to
 end at tiny size (slow): the same stages and code path as the measured full run, a 200-problem world, 4 steps, 4
 held-out problems. Asserts the plumbing: the eight models are the ones the table names, QAT and PTQ quantize with
-the same config, and a rerun redoes nothing."""
+the same config, and a rerun redoes nothing. The first run calls each stage's main() in this process
+(tests/stages.py: fifteen launches would pay the torch imports fifteen times, most of the run); the rerun is the
+real command."""
 
 import importlib.util
 import json
@@ -13,22 +15,32 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.stages import in_process
+
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("float", "ptq-int8", "ptq-int4", "qat-int8", "qat-int4", "qat-int8-float", "qat-int4-float", "float-s1")
 
 
+def _args(run_dir: Path, world: Path) -> list[str]:
+    return ["--size", "tiny", "--run_dir", str(run_dir), "--world", str(world)]
+
+
 def _run(run_dir: Path, world: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "recipes/quantization/run.py", "--size", "tiny", "--run_dir", str(run_dir),
-                           "--world", str(world)], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "recipes/quantization/run.py", *_args(run_dir, world)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def _script(name: str):
+    """recipes/<name>/run.py as a module (it is a script, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_run", ROOT / "recipes" / name / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    """recipes/ablation/run.py as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("ablation_run", ROOT / "recipes" / "ablation" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("ablation")
 
 
 def _arm_commands(ablation, name: str, tmp_path: Path) -> tuple[list, list]:
@@ -60,8 +72,7 @@ def test_ablation_qat_arms_train_like_filtered_and_evaluate_the_converted_model(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("quantization")
-    done = _run(base / "run", base / "world")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert _script("quantization").main(_args(base / "run", base / "world"), call=in_process) == 0
     return base
 
 

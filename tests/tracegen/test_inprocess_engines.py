@@ -107,8 +107,9 @@ def test_in_process_config_errors(toyworld, tmp_path, caplog):
 
 @pytest.mark.slow
 def test_vllm_offline_engine_agrees_with_hf(toyworld, tmp_path):
-    vllm_flags = flags(toyworld, tmp_path / "vllm", "--engine_kwargs",
-                       json.dumps({"max_model_len": 512, "gpu_memory_utilization": 0.2}), engine="vllm")
+    # enforce_eager: vLLM's torch.compile of the model costs ~40 s of start-up on a CPU and samples no differently
+    kwargs = {"max_model_len": 512, "gpu_memory_utilization": 0.2, "enforce_eager": True}
+    vllm_flags = flags(toyworld, tmp_path / "vllm", "--engine_kwargs", json.dumps(kwargs), engine="vllm")
     proc = subprocess.run([sys.executable, "-m", "tracegen", *vllm_flags], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
