@@ -20,6 +20,7 @@ the commands are printed, so any step can be rerun by hand. Every stage resumes,
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent
@@ -49,17 +51,19 @@ SIZES = {
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
 QUANTIZED = {"filtered-full-int8": "filtered-full"}  # a deployed student: weight-only int8 (sft.quantize, torchao)
 EVALUATED = ("teacher", "student-base", *STUDENTS, *QUANTIZED)
+# The second lane (--jobs 2): the on-policy student (sampling makes it the longest stage), then these evals, beside
+# the other students, the quantization and the other evals (about as long on one thread each)
+SECOND_LANE = ("filtered-on-policy", "teacher", "student-base")
 
 
-def main(argv: list[str] | None = None, call=subprocess.call) -> int:
-    """call: runs one stage's command and returns its exit code (tests/test_quickstart.py runs them in process)."""
+def main(argv: list[str] | None = None, call=None) -> int:
+    """call: runs one stage's command and returns its exit code, one stage at a time (tests/test_quickstart.py runs
+    them in process); by default each stage is a subprocess and --jobs 2 runs two lanes where the recipe allows."""
     args = parse_args(argv)
     size, run, world = SIZES[args.size], args.run_dir, args.world
-    timings = {}
     run.mkdir(parents=True, exist_ok=True)
-
-    def stage(name: str, *cmd) -> None:
-        timings[name] = run_stage(name, [str(c) for c in cmd], run, call)
+    stages = Stages(run, call, lanes=1 if call else args.jobs)
+    stage = stages.run
 
     # --- 1. the toy world -----------------------------------------------------------------------------------
     stage("world", PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
@@ -82,27 +86,35 @@ def main(argv: list[str] | None = None, call=subprocess.call) -> int:
           "--contamination_benchmarks", f"toy={world / 'problems' / 'test.jsonl'}")
     stage("filter (unfiltered export)", PY, "-m", "filter", "--config", RECIPE / "filter-none.yaml",
           "--run_dir", run, "--db", run / "unfiltered.duckdb", "--output_dir", run / "unfiltered")
-    # --- 6. students ------------------------------------------------------------------------------------------
-    for name in STUDENTS:
-        data = run / ("unfiltered" if name == "unfiltered" else "curated")
-        kd = {"filtered-kd": ["--teacher_model", teacher],  # the teacher's tokenizer must be the student's
-              "filtered-on-policy": ["--teacher_serve_model", teacher]}.get(name, [])
-        stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
-              "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
-              "--max_steps", size["student_steps"], *kd)
-    for name, source in QUANTIZED.items():
-        stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
-              "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated")
-    # --- 7. evals ------------------------------------------------------------------------------------------------
+    # --- 6. students and 7. evals: the on-policy student (the longest) and a few evals on a second lane -------
     models = {"teacher": teacher, "student-base": base,
               **{name: run / "checkpoints" / name for name in (*STUDENTS, *QUANTIZED)}}
-    for name in EVALUATED:
-        stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(models[name], base),
-              "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
-              json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
-              "--n", size["eval_n"])
+
+    def evals(name: str, lane) -> None:
+        lane(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(models[name], base),
+             "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
+             json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
+             "--n", size["eval_n"])
+
+    with stages.two_lanes():
+        for name in STUDENTS:
+            data = run / ("unfiltered" if name == "unfiltered" else "curated")
+            kd = {"filtered-kd": ["--teacher_model", teacher],  # the teacher's tokenizer must be the student's
+                  "filtered-on-policy": ["--teacher_serve_model", teacher]}.get(name, [])
+            lane = stages.beside if name in SECOND_LANE else stage
+            lane(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
+                 "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
+                 "--max_steps", size["student_steps"], *kd)
+        for name in SECOND_LANE:  # after that lane's student, in its order
+            evals(name, stages.beside)
+        for name, source in QUANTIZED.items():
+            stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
+                  "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated")
+        for name in EVALUATED:
+            if name not in SECOND_LANE:
+                evals(name, stage)
     # --- 8. report -----------------------------------------------------------------------------------------------
-    (run / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    (run / "timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     stage("report", PY, RECIPE / "report.py", run, "--size", args.size)
     print((run / "report.md").read_text())
     return 0
@@ -141,15 +153,90 @@ def model_flags(checkpoint: Path, base: Path) -> list:
     return ["--model", checkpoint]
 
 
-def run_stage(name: str, cmd: list[str], run: Path, call) -> dict:
-    """Runs one stage; its wall time and CPU time (on a shared machine the CPU time is the steadier measure)."""
-    print(f"\n=== {name}: {shlex.join(cmd)}", flush=True)
-    start, cpu = time.monotonic(), _cpu()
-    code = call(cmd)
-    if code != 0:
-        raise SystemExit(f"quickstart: stage '{name}' failed with exit code {code} (its log is above); "
-                         f"fix it and rerun: finished stages are skipped or resumed")
-    return {"wall_s": round(time.monotonic() - start, 1), "cpu_s": round(_cpu() - cpu, 1)}
+class Stages:
+    """Runs the recipe's stages and times them: one at a time, or, inside two_lanes(), a second lane beside the
+    first, each with one torch thread. Measured here (the teacher's recipe, 100 steps): one thread 52.6 s, two 33.0 s,
+    two one-thread runs side by side 52 s each, so two lanes do 1.27x the work of one two-thread lane; and sampling
+    with `generate` (the on-policy student) is faster on one thread than on two that wait on each other."""
+
+    def __init__(self, run: Path, call=None, lanes: int = 2):
+        self.run_dir, self.call, self.lanes = run, call, lanes
+        self.timings: dict[str, dict] = {}
+        self._env: dict | None = None  # the stages' environment inside two_lanes()
+        self._second: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def run(self, name: str, *cmd) -> None:
+        """Runs one stage here, its output to this terminal."""
+        self._record(name, [str(c) for c in cmd], log=None)
+
+    def beside(self, name: str, *cmd) -> None:
+        """Inside two_lanes(): queues the stage on the second lane (its stages run in order, each one's output to
+        <run>/logs/<name>.log); otherwise runs it here."""
+        if self._second is None:
+            return self.run(name, *cmd)
+        log = self.run_dir / "logs" / f"{name.replace(' ', '-')}.log"
+        self._pending.append(self._second.submit(self._record, name, [str(c) for c in cmd], log))
+
+    @contextlib.contextmanager
+    def two_lanes(self):
+        """Stages queued with beside() run beside the others; leaving waits for them (a failure on either lane
+        stops the run once both lanes have stopped, naming the stage and its log)."""
+        if self.lanes < 2:
+            yield
+            return
+        self._env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self._second = ThreadPoolExecutor(1, thread_name_prefix="second-lane")
+        stopped = True
+        try:
+            yield
+            stopped = False
+        finally:
+            if stopped:  # this lane failed: the second finishes the stage it is running and starts no other
+                print("\n=== waiting for the second lane's running stage to stop", flush=True)
+            self._second.shutdown(wait=True, cancel_futures=stopped)
+            failed = [f.exception() for f in self._pending if not f.cancelled() and f.exception()]
+            self._second, self._env, self._pending = None, None, []
+        if failed:
+            raise failed[0]
+
+    def _record(self, name: str, cmd: list[str], log: Path | None) -> None:
+        if log is not None and any(f.done() and f.exception() for f in self._pending):
+            return  # an earlier stage of this lane failed: the ones after it depend on it
+        where = "" if log is None else f" [second lane; log: {log}]"
+        print(f"\n=== {name}{where}: {shlex.join(cmd)}", flush=True)
+        start = time.monotonic()
+        if self.call is not None:
+            cpu = _cpu()
+            code = self.call(cmd)
+            cpu = _cpu() - cpu
+        else:
+            code, cpu = launch(cmd, self._env, log)
+        if code != 0:
+            raise SystemExit(f"quickstart: stage '{name}' failed with exit code {code} (its log is "
+                             f"{'above' if log is None else log}); fix it and rerun: finished stages are skipped or "
+                             f"resumed")
+        self.timings[name] = {"wall_s": round(time.monotonic() - start, 1), "cpu_s": round(cpu, 1)}
+        if log is not None:
+            print(f"\n=== {name} [second lane]: done in {self.timings[name]['wall_s']:.0f} s", flush=True)
+
+
+def launch(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[int, float]:
+    """Runs a command as a subprocess: (its exit code, its CPU seconds and its children's)."""
+    if log is None:
+        proc = subprocess.Popen(cmd, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except KeyboardInterrupt:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def _cpu() -> float:
@@ -167,6 +254,9 @@ def parse_args(argv):
                         help="a trained teacher (same tokenizer) to use instead of training one on the gold solutions")
     parser.add_argument("--bases", type=Path, default=Path("cache/bases"),
                         help="where pretrained bases are cached, one folder per content hash")
+    parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
+                        help="2: the on-policy student and a few evals run on a second lane beside the other students "
+                             "and evals, one torch thread each; 1: every stage after the other")
     return parser.parse_args(argv)
 
 
