@@ -96,17 +96,22 @@ def main(argv: list[str] | None = None, call=None) -> int:
              json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
              "--n", size["eval_n"])
 
-    with stages.two_lanes():
-        for name in STUDENTS:
-            data = run / ("unfiltered" if name == "unfiltered" else "curated")
-            kd = {"filtered-kd": ["--teacher_model", teacher],  # the teacher's tokenizer must be the student's
-                  "filtered-on-policy": ["--teacher_serve_model", teacher]}.get(name, [])
-            lane = stages.beside if name in SECOND_LANE else stage
-            lane(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
-                 "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
-                 "--max_steps", size["student_steps"], *kd)
-        for name in SECOND_LANE:  # after that lane's student, in its order
+    def student(name: str, lane) -> None:
+        data = run / ("unfiltered" if name == "unfiltered" else "curated")
+        kd = {"filtered-kd": ["--teacher_model", teacher],  # the teacher's tokenizer must be the student's
+              "filtered-on-policy": ["--teacher_serve_model", teacher]}.get(name, [])
+        lane(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
+             "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
+             "--max_steps", size["student_steps"], *kd)
+
+    with stages.two_lanes():  # the second lane's stages are queued first: they start at once, in this order
+        for name in SECOND_LANE:
+            if name in STUDENTS:
+                student(name, stages.beside)
             evals(name, stages.beside)
+        for name in STUDENTS:
+            if name not in SECOND_LANE:
+                student(name, stage)
         for name, source in QUANTIZED.items():
             stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
                   "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated")
