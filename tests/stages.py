@@ -5,8 +5,10 @@ transformers and the stage again, most of a tiny run's time, and what these test
 commands, files and resumption), not the launch (tests/test_help.py and the subprocess tests cover that)."""
 
 import importlib
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 # `python -m <name>`: the module holding that stage's main()
 MAINS = {"data.toyworld": "data.toyworld.__main__", "sft": "sft.main", "sft.quantize": "sft.quantize",
@@ -22,3 +24,11 @@ def in_process(cmd: list[str]) -> int:
         return main(cmd[3:]) or 0
     except SystemExit as e:  # argparse's errors, and stages that exit with a message
         return e.code if isinstance(e.code, int) else int(e.code is not None)
+
+
+def recipe_module(path: Path):
+    """A recipe script (recipes/<name>/run.py and the like) as a module: they are scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

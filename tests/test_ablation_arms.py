@@ -1,6 +1,5 @@
 """recipes/ablation/run.py's arms: every arm's training command is one `python -m sft` accepts, as configured."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -8,16 +7,14 @@ import yaml
 
 from data.config import ConfigError
 from sft.config import parse_config
+from tests.stages import recipe_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    spec = importlib.util.spec_from_file_location("ablation_run", ROOT / "recipes" / "ablation" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_module(ROOT / "recipes" / "ablation" / "run.py")
 
 
 def test_every_arms_sft_command_parses_and_the_on_policy_arm_serves_the_teacher_as_the_quickstart(ablation, tmp_path):

@@ -1,21 +1,19 @@
 """The quickstart's two lanes (recipes/quickstart/run.py, Stages): real subprocesses side by side, each lane's
 stages in order, one torch thread each, and a failure on either lane named with its log."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.stages import recipe_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def Stages():
-    spec = importlib.util.spec_from_file_location("quickstart_run", ROOT / "recipes" / "quickstart" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Stages
+    return recipe_module(ROOT / "recipes" / "quickstart" / "run.py").Stages
 
 
 def py(code: str) -> list[str]:
