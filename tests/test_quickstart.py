@@ -2,7 +2,6 @@
 `make quickstart`, fewer problems and steps, each stage's main() called in this process (tests/stages.py: the
 launches' imports were minutes of the run). Asserts the pipeline's invariants, not accuracies."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import datasets
 import duckdb
 import pytest
 
-from tests.stages import in_process
+from tests.stages import in_process, recipe_module
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
@@ -29,11 +28,7 @@ def run(tmp_path_factory, recipe):
 
 @pytest.fixture(scope="module")
 def recipe():
-    """recipes/quickstart/run.py as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("quickstart_run", ROOT / "recipes" / "quickstart" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_module(ROOT / "recipes" / "quickstart" / "run.py")
 
 
 def test_report_has_every_section_and_plot(run):

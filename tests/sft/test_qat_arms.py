@@ -6,7 +6,6 @@ the same config, and a rerun redoes nothing. The first run calls each stage's ma
 (tests/stages.py: fifteen launches would pay the torch imports fifteen times, most of the run); the rerun is the
 real command."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.stages import in_process
+from tests.stages import in_process, recipe_module
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("float", "ptq-int8", "ptq-int4", "qat-int8", "qat-int4", "qat-int8-float", "qat-int4-float", "float-s1")
@@ -30,17 +29,9 @@ def _run(run_dir: Path, world: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
-def _script(name: str):
-    """recipes/<name>/run.py as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_run", ROOT / "recipes" / name / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def ablation():
-    return _script("ablation")
+    return recipe_module(ROOT / "recipes" / "ablation" / "run.py")
 
 
 def _arm_commands(ablation, name: str, tmp_path: Path) -> tuple[list, list]:
@@ -72,7 +63,8 @@ def test_ablation_qat_arms_train_like_filtered_and_evaluate_the_converted_model(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("quantization")
-    assert _script("quantization").main(_args(base / "run", base / "world"), call=in_process) == 0
+    recipe = recipe_module(ROOT / "recipes" / "quantization" / "run.py")
+    assert recipe.main(_args(base / "run", base / "world"), call=in_process) == 0
     return base
 
 

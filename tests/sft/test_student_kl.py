@@ -1,22 +1,19 @@
 """recipes/quickstart/student_kl.py: the exact reverse KL of a student's own completions against the teacher."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.sft.tiny import tiny_model
+from tests.stages import recipe_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "recipes" / "quickstart" / "student_kl.py"
 
 
 @pytest.fixture(scope="module")
 def student_kl():
-    spec = importlib.util.spec_from_file_location("student_kl", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return recipe_module(SCRIPT)
 
 
 def test_the_reverse_kl_is_zero_for_the_teacher_itself_and_the_dense_sum_otherwise(student_kl):
