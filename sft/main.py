@@ -212,12 +212,19 @@ def build_trainer(args, training_args, model_args, tokenizer, dataset):
 
 
 def last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    """The newest complete checkpoint-<step> folder. The Trainer writes trainer_state.json last, so a folder without
+    it was being saved when the run was stopped: it is passed over (and overwritten when that step comes again)."""
+    found = {}
+    for path in Path(output_dir).glob("checkpoint-*") if Path(output_dir).is_dir() else ():
+        step = path.name.removeprefix("checkpoint-")
+        if step.isdigit() and path.is_dir():
+            found[int(step)] = path
+    for step in sorted(found, reverse=True):
+        if (found[step] / "trainer_state.json").exists():
+            log.info("resuming from %s", found[step])
+            return str(found[step])
+        log.warning("%s is incomplete (no trainer_state.json: stopped while saving); not resuming from it", found[step])
+    return None
 
 
 def save_merged(model, tokenizer, path: Path) -> None:
