@@ -17,7 +17,7 @@ def ablation():
     return recipe_module(ROOT / "recipes" / "ablation" / "run.py")
 
 
-def test_every_arms_sft_command_parses_and_the_on_policy_arm_serves_the_teacher_as_the_quickstart(ablation, tmp_path):
+def test_every_arms_sft_command_parses_and_the_on_policy_arm_scores_as_the_quickstart(ablation, tmp_path):
     run = tmp_path / "run"
     data = {name: run / name for name in ("curated", "unfiltered", "confident", "quarter", "half")}
     for arm in ablation.ARMS:
@@ -28,7 +28,8 @@ def test_every_arms_sft_command_parses_and_the_on_policy_arm_serves_the_teacher_
         assert training_args.max_steps == ablation.SIZES["full"]["steps"] and training_args.seed == 0, arm[0]
         if arm[0] == "on-policy":
             recipe = yaml.safe_load((ROOT / "recipes" / "quickstart" / "sft-filtered-on-policy.yaml").read_text())
-            assert args.kd == "on_policy" and args.teacher_serve_args == recipe["teacher_serve_args"]
+            assert args.kd == "on_policy" and args.teacher_model == f"{run}/checkpoints/teacher"
+            assert args.on_policy_top_k == recipe["on_policy_top_k"] and "teacher_serve_model" not in recipe
 
 
 @pytest.mark.parametrize("value", ["--max-model-len 1024 --enforce-eager",

@@ -29,7 +29,7 @@ WHAT = {
     "filtered-full": "student base, full FT on the curated traces",
     "filtered-lora": "student base, LoRA on the curated traces",
     "filtered-kd": "student base, full FT on the curated traces + sparse KD on the teacher's top-k logprobs",
-    "filtered-on-policy": "student base, curated traces + on-policy KD (its own samples scored by the served teacher)",
+    "filtered-on-policy": "student base, curated traces + on-policy KD (its own samples scored by the teacher)",
     "filtered-full-int8": "filtered-full with int8 weights (sft.quantize, torchao weight-only)",
 }
 # (what it shows, model a, model b): a - b with its standard error

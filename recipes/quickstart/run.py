@@ -10,7 +10,7 @@
 4. tracegen: serve the teacher with vLLM (managed server) and sample n traces per train problem, with logprobs
 5. filter: verify, label, apply the rules, export the curated set (and, for comparison, everything unfiltered)
 6. sft: students from the same base, the same steps: unfiltered, filtered (full and LoRA), filtered + sparse KD,
-   filtered + on-policy KD (the teacher served by vLLM scores the student's own samples); the best student
+   filtered + on-policy KD (the teacher scores the student's own samples); the best student
    quantized to int8 weights (sft.quantize)
 7. evals: teacher, student base and students on the held-out split, R1 protocol (n samples, pass@1, maj@k)
 8. report: runs/quickstart/report.md with the tables and plots (recipes/quickstart/report.py)
@@ -28,8 +28,8 @@ import resource
 import shlex
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 RECIPE = Path(__file__).resolve().parent
@@ -51,18 +51,16 @@ SIZES = {
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
 QUANTIZED = {"filtered-full-int8": "filtered-full"}  # a deployed student: weight-only int8 (sft.quantize, torchao)
 EVALUATED = ("teacher", "student-base", *STUDENTS, *QUANTIZED)
-# The second lane (--jobs 2): the on-policy student (sampling makes it the longest stage), then these evals, beside
-# the other students, the quantization and the other evals (about as long on one thread each)
-SECOND_LANE = ("filtered-on-policy", "teacher", "student-base")
+
 
 
 def main(argv: list[str] | None = None, call=None) -> int:
     """call: runs one stage's command and returns its exit code, one stage at a time (tests/test_quickstart.py runs
-    them in process); by default each stage is a subprocess and --jobs 2 runs two lanes where the recipe allows."""
+    them in process); by default each stage is a subprocess, and --jobs 2 runs the students and evals two at a time."""
     args = parse_args(argv)
     size, run, world = SIZES[args.size], args.run_dir, args.world
     run.mkdir(parents=True, exist_ok=True)
-    stages = Stages(run, call, lanes=1 if call else args.jobs)
+    stages = Stages(run, call, jobs=1 if call else args.jobs)
     stage = stages.run
 
     # --- 1. the toy world -----------------------------------------------------------------------------------
@@ -86,38 +84,31 @@ def main(argv: list[str] | None = None, call=None) -> int:
           "--contamination_benchmarks", f"toy={world / 'problems' / 'test.jsonl'}")
     stage("filter (unfiltered export)", PY, "-m", "filter", "--config", RECIPE / "filter-none.yaml",
           "--run_dir", run, "--db", run / "unfiltered.duckdb", "--output_dir", run / "unfiltered")
-    # --- 6. students and 7. evals: the on-policy student (the longest) and a few evals on a second lane -------
+    # --- 6. students and 7. evals: two at a time (--jobs 2), each eval after its model ---------------------------
     models = {"teacher": teacher, "student-base": base,
               **{name: run / "checkpoints" / name for name in (*STUDENTS, *QUANTIZED)}}
+    trained = {"teacher": (), "student-base": (), **{name: (f"sft {name}",) for name in STUDENTS},
+               **{name: (f"quantize {name}",) for name in QUANTIZED}}
 
-    def evals(name: str, lane) -> None:
-        lane(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(models[name], base),
-             "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
-             json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
-             "--n", size["eval_n"])
-
-    def student(name: str, lane) -> None:
+    def student(name: str) -> None:
         data = run / ("unfiltered" if name == "unfiltered" else "curated")
-        kd = {"filtered-kd": ["--teacher_model", teacher],  # the teacher's tokenizer must be the student's
-              "filtered-on-policy": ["--teacher_serve_model", teacher]}.get(name, [])
-        lane(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
-             "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
-             "--max_steps", size["student_steps"], *kd)
+        kd = ["--teacher_model", teacher] if name in ("filtered-kd", "filtered-on-policy") else []  # same tokenizer
+        stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
+              "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
+              "--max_steps", size["student_steps"], *kd)
 
-    with stages.two_lanes():  # the second lane's stages are queued first: they start at once, in this order
-        for name in SECOND_LANE:
-            if name in STUDENTS:
-                student(name, stages.beside)
-            evals(name, stages.beside)
-        for name in STUDENTS:
-            if name not in SECOND_LANE:
-                student(name, stage)
+    with stages.parallel():  # queued in this order; each worker takes the first stage whose inputs are done
+        for name in sorted(STUDENTS, key=lambda name: name != "filtered-on-policy"):  # the longest first
+            student(name)
         for name, source in QUANTIZED.items():
             stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
-                  "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated")
+                  "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated",
+                  after=[f"sft {source}"])
         for name in EVALUATED:
-            if name not in SECOND_LANE:
-                evals(name, stage)
+            stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(models[name], base),
+                  "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
+                  json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
+                  "--n", size["eval_n"], after=trained[name])
     # --- 8. report -----------------------------------------------------------------------------------------------
     (run / "timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     stage("report", PY, RECIPE / "report.py", run, "--size", args.size)
@@ -159,56 +150,75 @@ def model_flags(checkpoint: Path, base: Path) -> list:
 
 
 class Stages:
-    """Runs the recipe's stages and times them: one at a time, or, inside two_lanes(), a second lane beside the
-    first, each with one torch thread. Measured here (the teacher's recipe, 100 steps): one thread 52.6 s, two 33.0 s,
-    two one-thread runs side by side 52 s each, so two lanes do 1.27x the work of one two-thread lane; and sampling
-    with `generate` (the on-policy student) is faster on one thread than on two that wait on each other."""
+    """Runs the recipe's stages and times them: one at a time, or, inside parallel(), on `jobs` workers with one
+    torch thread each. Measured here (the teacher's recipe, 100 steps): one thread 52.6 s, two 33.0 s, two one-thread
+    runs side by side 52 s each, so two workers do 1.27x the work of one stage on two threads; and sampling with
+    `generate` (the on-policy student) is faster on one thread than on two that wait on each other."""
 
-    def __init__(self, run: Path, call=None, lanes: int = 2):
-        self.run_dir, self.call, self.lanes = run, call, lanes
+    def __init__(self, run: Path, call=None, jobs: int = 2):
+        self.run_dir, self.call, self.jobs = run, call, jobs
         self.timings: dict[str, dict] = {}
-        self._env: dict | None = None  # the stages' environment inside two_lanes()
-        self._second: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
+        self._queue: list[tuple[str, list[str], tuple[str, ...]]] | None = None  # inside parallel()
 
-    def run(self, name: str, *cmd) -> None:
-        """Runs one stage here, its output to this terminal."""
-        self._record(name, [str(c) for c in cmd], log=None)
-
-    def beside(self, name: str, *cmd) -> None:
-        """Inside two_lanes(): queues the stage on the second lane (its stages run in order, each one's output to
-        <run>/logs/<name>.log); otherwise runs it here."""
-        if self._second is None:
-            return self.run(name, *cmd)
-        log = self.run_dir / "logs" / f"{name.replace(' ', '-')}.log"
-        self._pending.append(self._second.submit(self._record, name, [str(c) for c in cmd], log))
+    def run(self, name: str, *cmd, after=()) -> None:
+        """Runs one stage now, its output to this terminal; inside parallel(), queues it to start once the stages
+        named in `after` are done (each queued stage's output goes to <run>/logs/<name>.log)."""
+        cmd = [str(c) for c in cmd]
+        if self._queue is None:
+            return self._record(name, cmd, log=None)
+        unknown = set(after) - {queued[0] for queued in self._queue} - set(self.timings)
+        if unknown:
+            raise ValueError(f"stage '{name}' is queued after {sorted(unknown)}, which no earlier stage is")
+        self._queue.append((name, cmd, tuple(after)))
 
     @contextlib.contextmanager
-    def two_lanes(self):
-        """Stages queued with beside() run beside the others; leaving waits for them (a failure on either lane
-        stops the run once both lanes have stopped, naming the stage and its log)."""
-        if self.lanes < 2:
+    def parallel(self):
+        """Stages run inside this block are queued; leaving it runs them, `jobs` at a time, each worker taking the
+        first queued stage whose `after` stages are done. A failure starts nothing more; the stages running finish,
+        then it is raised, naming the stage and its log. With jobs 1 (or `call`) they run here one by one."""
+        if self.jobs < 2 or self.call is not None:
             yield
             return
-        self._env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self._second = ThreadPoolExecutor(1, thread_name_prefix="second-lane")
-        stopped = True
+        self._queue = []
         try:
             yield
-            stopped = False
+            queue = self._queue
         finally:
-            if stopped:  # this lane failed: the second finishes the stage it is running and starts no other
-                print("\n=== waiting for the second lane's running stage to stop", flush=True)
-            self._second.shutdown(wait=True, cancel_futures=stopped)
-            failed = [f.exception() for f in self._pending if not f.cancelled() and f.exception()]
-            self._second, self._env, self._pending = None, None, []
+            self._queue = None
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done, failed = set(self.timings), []
+        ready = threading.Condition()
+
+        def work() -> None:
+            while True:
+                with ready:
+                    while True:
+                        if failed or not queue:
+                            return
+                        stage = next((q for q in queue if set(q[2]) <= done), None)
+                        if stage is not None:
+                            break
+                        ready.wait()
+                    queue.remove(stage)
+                name, cmd, _ = stage
+                try:
+                    self._record(name, cmd, self.run_dir / "logs" / f"{name.replace(' ', '-')}.log", env)
+                except SystemExit as e:
+                    failed.append(e)
+                with ready:
+                    done.add(name)
+                    ready.notify_all()
+
+        workers = [threading.Thread(target=work, name=f"stages-{i}") for i in range(self.jobs)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
         if failed:
             raise failed[0]
 
-    def _record(self, name: str, cmd: list[str], log: Path | None) -> None:
-        if log is not None and any(f.done() and f.exception() for f in self._pending):
-            return  # an earlier stage of this lane failed: the ones after it depend on it
-        where = "" if log is None else f" [second lane; log: {log}]"
+    def _record(self, name: str, cmd: list[str], log: Path | None, env: dict | None = None) -> None:
+        where = "" if log is None else f" [log: {log}]"
         print(f"\n=== {name}{where}: {shlex.join(cmd)}", flush=True)
         start = time.monotonic()
         if self.call is not None:
@@ -216,14 +226,14 @@ class Stages:
             code = self.call(cmd)
             cpu = _cpu() - cpu
         else:
-            code, cpu = launch(cmd, self._env, log)
+            code, cpu = launch(cmd, env, log)
         if code != 0:
             raise SystemExit(f"quickstart: stage '{name}' failed with exit code {code} (its log is "
                              f"{'above' if log is None else log}); fix it and rerun: finished stages are skipped or "
                              f"resumed")
         self.timings[name] = {"wall_s": round(time.monotonic() - start, 1), "cpu_s": round(cpu, 1)}
         if log is not None:
-            print(f"\n=== {name} [second lane]: done in {self.timings[name]['wall_s']:.0f} s", flush=True)
+            print(f"\n=== {name}: done in {self.timings[name]['wall_s']:.0f} s", flush=True)
 
 
 def launch(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[int, float]:
@@ -260,8 +270,8 @@ def parse_args(argv):
     parser.add_argument("--bases", type=Path, default=Path("cache/bases"),
                         help="where pretrained bases are cached, one folder per content hash")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
-                        help="2: the on-policy student and a few evals run on a second lane beside the other students "
-                             "and evals, one torch thread each; 1: every stage after the other")
+                        help="2: the students and evals run two at a time, one torch thread each (each eval after "
+                             "its model); 1: every stage after the other")
     return parser.parse_args(argv)
 
 
