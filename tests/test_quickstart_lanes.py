@@ -1,6 +1,7 @@
 """The quickstart's parallel stages (recipes/quickstart/run.py, Stages.parallel): real subprocesses two at a time,
 one torch thread each, every stage after the stages it needs, and a failure named with its log."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,14 +40,15 @@ def test_two_stages_run_side_by_side_and_each_starts_after_what_it_needs(Stages,
     with stages.parallel():
         stages.run("waits", *wait_for(first, f"print('threads', os.environ['OMP_NUM_THREADS']); {append(str(seen), 'waits ')}"))
         # queued second, but it needs "waits": the second worker skips it for "first", which lets "waits" finish
-        stages.run("after it", *py(append(str(seen), "after-it ")), after=["waits"])
+        stages.run("after it", *py(append(str(seen), "after-it ")), after=["waits"],
+                   then=lambda: seen.write_text(seen.read_text() + "then"))
         stages.run("first", *py(f"""
 pathlib.Path({str(first)!r}).write_text(os.environ['OMP_NUM_THREADS'])
 end = time.process_time() + 0.3
 while time.process_time() < end:
     pass"""))
         assert not seen.exists()  # queued, not run, until the block ends
-    assert seen.read_text() == "waits after-it "
+    assert seen.read_text() == "waits after-it then"  # `then` runs when its stage is done
     assert first.read_text() == "1"
     assert (tmp_path / "logs" / "waits.log").read_text() == "threads 1\n"
     assert set(stages.timings) == {"waits", "after it", "first"}
@@ -82,3 +84,25 @@ def test_one_job_runs_every_stage_here_in_order(Stages, tmp_path, capfd):
         stages.run("first", *py("print('first')"), after=["second"])
     assert capfd.readouterr().out.split("\n").count("second") == 1
     assert list(stages.timings) == ["second", "first"] and not (tmp_path / "logs").exists()
+
+
+def test_a_lone_queued_stage_runs_here_with_every_thread(Stages, tmp_path, capfd):
+    stages = Stages(tmp_path, jobs=2)
+    done = []
+    with stages.parallel():
+        stages.run("alone", *py("print('alone', os.environ.get('OMP_NUM_THREADS'))"), then=lambda: done.append(1))
+    assert f"alone {os.environ.get('OMP_NUM_THREADS')}" in capfd.readouterr().out  # not forced to 1 thread
+    assert done == [1] and not (tmp_path / "logs").exists()
+
+
+def test_a_failing_then_is_raised_and_stops_the_stages_after_it(Stages, tmp_path):
+    stages = Stages(tmp_path, jobs=2)
+
+    def broken():
+        raise OSError("cannot rename")
+
+    with pytest.raises(OSError, match="cannot rename"):
+        with stages.parallel():
+            stages.run("a", *py("pass"), then=broken)
+            stages.run("b", *py(f"open({str(tmp_path / 'ran')!r}, 'w')"), after=["a"])
+    assert not (tmp_path / "ran").exists()

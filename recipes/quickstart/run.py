@@ -7,12 +7,12 @@
 2. sft: pretrain the student base on the corpus (R1's students start from pretrained bases), cached by content
    hash in cache/bases/ so that reruns and tests reuse it
 3. sft: train the teacher from random init on the gold solutions (full fine-tuning)
-4. tracegen: serve the teacher with vLLM (managed server) and sample n traces per train problem, with logprobs
+4. tracegen: sample n traces per train problem from the teacher, with logprobs (transformers in process)
 5. filter: verify, label, apply the rules, export the curated set (and, for comparison, everything unfiltered)
 6. sft: students from the same base, the same steps: unfiltered, filtered (full and LoRA), filtered + sparse KD,
-   filtered + on-policy KD (the teacher scores the student's own samples); the best student
-   quantized to int8 weights (sft.quantize)
+   filtered + on-policy KD (the teacher scores the student's own samples); filtered-full quantized to int8 weights
 7. evals: teacher, student base and students on the held-out split, R1 protocol (n samples, pass@1, maj@k)
+   (6 and 7 run two stages at a time with --jobs 2, the default: each worker one torch thread)
 8. report: runs/quickstart/report.md with the tables and plots (recipes/quickstart/report.py)
 
 Each stage is the stage's own command with the recipe's YAML (recipes/quickstart/*.yaml) plus a few size flags;
@@ -37,7 +37,7 @@ ROOT = RECIPE.parents[1]
 PY = sys.executable
 # What changes between the full run and the CI run: only sizes, never the code path.
 SIZES = {
-    "full": {"n_train": 10000, "n_test": 500, "max_difficulty": 5, "base_steps": 1000, "teacher_steps": 1000,
+    "full": {"n_train": 10000, "n_test": 500, "max_difficulty": 5, "base_steps": 2000, "teacher_steps": 1000,
              "problems": 800, "n": 4, "student_steps": 500, "eval_problems": 200, "eval_n": 4},
     # a world of one-step sums and differences only (difficulty 1-2: short examples, which the teacher learns in
     # a fraction of the full world's 1,000 steps), a short base, fewer traces, students, evals. 100 problems x 4
@@ -50,7 +50,6 @@ SIZES = {
 # a name here and its YAML (report.py's WHAT says what it is).
 STUDENTS = ("unfiltered", "filtered-full", "filtered-lora", "filtered-kd", "filtered-on-policy")
 QUANTIZED = {"filtered-full-int8": "filtered-full"}  # a deployed student: weight-only int8 (sft.quantize, torchao)
-EVALUATED = ("teacher", "student-base", *STUDENTS, *QUANTIZED)
 
 
 
@@ -63,52 +62,56 @@ def main(argv: list[str] | None = None, call=None) -> int:
     stages = Stages(run, call, jobs=1 if call else args.jobs)
     stage = stages.run
 
+    def evals(name: str, model: Path, after=()) -> None:
+        stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(model, base),
+              "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
+              json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
+              "--n", size["eval_n"], after=after)
+
     # --- 1. the toy world -----------------------------------------------------------------------------------
     stage("world", PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
           "--n-test", size["n_test"], "--max-difficulty", size["max_difficulty"])
-    # --- 2. the student base: pretrained on the corpus, or reused from the cache ---------------------------
-    base, cached = student_base(world, size, args.bases, stage)
-    (run / "student-base.json").write_text(json.dumps({"path": str(base), "cached": cached}, indent=2) + "\n")
-    # --- 3. the teacher learns the gold solutions -----------------------------------------------------------
+    # --- 2. the student base (pretrained on the corpus, or reused from the cache) and 3. the teacher (learns the
+    # gold solutions), side by side with --jobs 2; the base is evaluated as soon as it is there -------------------
     teacher = args.teacher or run / "checkpoints" / "teacher"
-    if not args.teacher:
-        stage("sft teacher", PY, "-m", "sft", "--config", RECIPE / "sft-teacher.yaml", "--dataset", world / "gold",
-              "--model_name_or_path", world / "teacher-init", "--output_dir", teacher, "--max_steps",
-              size["teacher_steps"])
-    # --- 4. teacher traces through a managed vLLM server ----------------------------------------------------
+    with stages.parallel():
+        base, cached = student_base(world, size, args.bases, stage)
+        if not args.teacher:
+            stage("sft teacher", PY, "-m", "sft", "--config", RECIPE / "sft-teacher.yaml", "--dataset", world / "gold",
+                  "--model_name_or_path", world / "teacher-init", "--output_dir", teacher, "--max_steps",
+                  size["teacher_steps"])
+        evals("student-base", base, after=[] if cached else ["sft student-base"])
+    (run / "student-base.json").write_text(json.dumps({"path": str(base), "cached": cached}, indent=2) + "\n")
+    # --- 4. teacher traces ---------------------------------------------------------------------------------------
     stage("tracegen", PY, "-m", "tracegen", "--config", RECIPE / "tracegen.yaml", "--problems",
-          world / "problems" / "train.jsonl", "--serve_model", teacher, "--output_dir", run, "--limit",
+          world / "problems" / "train.jsonl", "--model", teacher, "--output_dir", run, "--limit",
           size["problems"], "--n", size["n"])
     # --- 5. curation --------------------------------------------------------------------------------------------
     stage("filter", PY, "-m", "filter", "--config", RECIPE / "filter.yaml", "--run_dir", run,
           "--contamination_benchmarks", f"toy={world / 'problems' / 'test.jsonl'}")
-    stage("filter (unfiltered export)", PY, "-m", "filter", "--config", RECIPE / "filter-none.yaml",
-          "--run_dir", run, "--db", run / "unfiltered.duckdb", "--output_dir", run / "unfiltered")
     # --- 6. students and 7. evals: two at a time (--jobs 2), each eval after its model ---------------------------
-    models = {"teacher": teacher, "student-base": base,
-              **{name: run / "checkpoints" / name for name in (*STUDENTS, *QUANTIZED)}}
-    trained = {"teacher": (), "student-base": (), **{name: (f"sft {name}",) for name in STUDENTS},
-               **{name: (f"quantize {name}",) for name in QUANTIZED}}
-
     def student(name: str) -> None:
         data = run / ("unfiltered" if name == "unfiltered" else "curated")
         kd = ["--teacher_model", teacher] if name in ("filtered-kd", "filtered-on-policy") else []  # same tokenizer
+        after = ["filter (unfiltered export)"] if name == "unfiltered" else []
         stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
               "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
-              "--max_steps", size["student_steps"], *kd)
+              "--max_steps", size["student_steps"], *kd, after=after)
 
     with stages.parallel():  # queued in this order; each worker takes the first stage whose inputs are done
+        stage("filter (unfiltered export)", PY, "-m", "filter", "--config", RECIPE / "filter-none.yaml",
+              "--run_dir", run, "--db", run / "unfiltered.duckdb", "--output_dir", run / "unfiltered")
         for name in sorted(STUDENTS, key=lambda name: name != "filtered-on-policy"):  # the longest first
             student(name)
         for name, source in QUANTIZED.items():
             stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
                   "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated",
                   after=[f"sft {source}"])
-        for name in EVALUATED:
-            stage(f"evals {name}", PY, "-m", "evals", "--config", RECIPE / "evals.yaml", *model_flags(models[name], base),
-                  "--model_name", name, "--output_dir", run / "evals", "--custom_benchmarks",
-                  json.dumps({"toy": str(world / "problems" / "test.jsonl")}), "--limit", size["eval_problems"],
-                  "--n", size["eval_n"], after=trained[name])
+        evals("teacher", teacher)
+        for name in STUDENTS:
+            evals(name, run / "checkpoints" / name, after=[f"sft {name}"])
+        for name in QUANTIZED:
+            evals(name, run / "checkpoints" / name, after=[f"quantize {name}"])
     # --- 8. report -----------------------------------------------------------------------------------------------
     (run / "timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     stage("report", PY, RECIPE / "report.py", run, "--size", args.size)
@@ -125,8 +128,7 @@ def student_base(world: Path, size: dict, bases: Path, stage) -> tuple[Path, boo
     partial = base.with_name(f".{base.name}.partial")  # sft resumes in here; renamed only when complete
     stage("sft student-base", PY, "-m", "sft", "--config", RECIPE / "sft-student-base.yaml", "--dataset",
           world / "corpus", "--model_name_or_path", world / "student-init", "--output_dir", partial,
-          "--max_steps", size["base_steps"])
-    os.replace(partial, base)
+          "--max_steps", size["base_steps"], then=lambda: os.replace(partial, base))
     return base, False
 
 
@@ -158,24 +160,26 @@ class Stages:
     def __init__(self, run: Path, call=None, jobs: int = 2):
         self.run_dir, self.call, self.jobs = run, call, jobs
         self.timings: dict[str, dict] = {}
-        self._queue: list[tuple[str, list[str], tuple[str, ...]]] | None = None  # inside parallel()
+        self._queue: list[tuple] | None = None  # inside parallel(): (name, command, after, then)
 
-    def run(self, name: str, *cmd, after=()) -> None:
-        """Runs one stage now, its output to this terminal; inside parallel(), queues it to start once the stages
-        named in `after` are done (each queued stage's output goes to <run>/logs/<name>.log)."""
+    def run(self, name: str, *cmd, after=(), then=None) -> None:
+        """Runs one stage now, its output to this terminal, then calls `then` if given; inside parallel(), queues
+        it to start once the stages named in `after` are done (its output to <run>/logs/<name>.log)."""
         cmd = [str(c) for c in cmd]
         if self._queue is None:
-            return self._record(name, cmd, log=None)
+            self._record(name, cmd, log=None)
+            return then() if then else None
         unknown = set(after) - {queued[0] for queued in self._queue} - set(self.timings)
         if unknown:
             raise ValueError(f"stage '{name}' is queued after {sorted(unknown)}, which no earlier stage is")
-        self._queue.append((name, cmd, tuple(after)))
+        self._queue.append((name, cmd, tuple(after), then))
 
     @contextlib.contextmanager
     def parallel(self):
         """Stages run inside this block are queued; leaving it runs them, `jobs` at a time, each worker taking the
         first queued stage whose `after` stages are done. A failure starts nothing more; the stages running finish,
-        then it is raised, naming the stage and its log. With jobs 1 (or `call`) they run here one by one."""
+        then it is raised, naming the stage and its log. With jobs 1 (or `call`) they run here one by one, and so
+        does a lone queued stage (with every thread)."""
         if self.jobs < 2 or self.call is not None:
             yield
             return
@@ -185,6 +189,9 @@ class Stages:
             queue = self._queue
         finally:
             self._queue = None
+        if len(queue) == 1:
+            name, cmd, _, then = queue[0]
+            return self.run(name, *cmd, then=then)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done, failed = set(self.timings), []
         ready = threading.Condition()
@@ -200,10 +207,12 @@ class Stages:
                             break
                         ready.wait()
                     queue.remove(stage)
-                name, cmd, _ = stage
+                name, cmd, _, then = stage
                 try:
                     self._record(name, cmd, self.run_dir / "logs" / f"{name.replace(' ', '-')}.log", env)
-                except SystemExit as e:
+                    if then:
+                        then()
+                except BaseException as e:  # raised below, once both workers have stopped
                     failed.append(e)
                 with ready:
                     done.add(name)
