@@ -12,7 +12,7 @@
 6. sft: students from the same base, the same steps: unfiltered, filtered (full and LoRA), filtered + sparse KD,
    filtered + on-policy KD (the teacher scores the student's own samples); filtered-full quantized to int8 weights
 7. evals: teacher, student base and students on the held-out split, R1 protocol (n samples, pass@1, maj@k)
-   (6 and 7 run two stages at a time with --jobs 2, the default: each worker one torch thread)
+   (with --jobs 2, the default, 2-7 run two stages at a time, one torch thread each, each after its inputs)
 8. report: runs/quickstart/report.md with the tables and plots (recipes/quickstart/report.py)
 
 Each stage is the stage's own command with the recipe's YAML (recipes/quickstart/*.yaml) plus a few size flags;
@@ -55,7 +55,7 @@ QUANTIZED = {"filtered-full-int8": "filtered-full"}  # a deployed student: weigh
 
 def main(argv: list[str] | None = None, call=None) -> int:
     """call: runs one stage's command and returns its exit code, one stage at a time (tests/test_quickstart.py runs
-    them in process); by default each stage is a subprocess, and --jobs 2 runs the students and evals two at a time."""
+    them in process); by default each stage is a subprocess, and after the world --jobs 2 runs two at a time."""
     args = parse_args(argv)
     size, run, world = SIZES[args.size], args.run_dir, args.world
     run.mkdir(parents=True, exist_ok=True)
@@ -71,47 +71,47 @@ def main(argv: list[str] | None = None, call=None) -> int:
     # --- 1. the toy world -----------------------------------------------------------------------------------
     stage("world", PY, "-m", "data.toyworld", "build", "--out", world, "--n-train", size["n_train"],
           "--n-test", size["n_test"], "--max-difficulty", size["max_difficulty"])
-    # --- 2. the student base (pretrained on the corpus, or reused from the cache) and 3. the teacher (learns the
-    # gold solutions), side by side with --jobs 2; the base is evaluated as soon as it is there -------------------
     teacher = args.teacher or run / "checkpoints" / "teacher"
-    with stages.parallel():
-        base, cached = student_base(world, size, args.bases, stage)
+    with stages.parallel():  # queued in priority order; each worker takes the first stage whose inputs are done
+        # --- 3. the teacher learns the gold solutions (first: the longest chain starts with it) ---------------
+        taught = []
         if not args.teacher:
             stage("sft teacher", PY, "-m", "sft", "--config", RECIPE / "sft-teacher.yaml", "--dataset", world / "gold",
                   "--model_name_or_path", world / "teacher-init", "--output_dir", teacher, "--max_steps",
                   size["teacher_steps"])
-        evals("student-base", base, after=[] if cached else ["sft student-base"])
-    (run / "student-base.json").write_text(json.dumps({"path": str(base), "cached": cached}, indent=2) + "\n")
-    # --- 4. teacher traces ---------------------------------------------------------------------------------------
-    stage("tracegen", PY, "-m", "tracegen", "--config", RECIPE / "tracegen.yaml", "--problems",
-          world / "problems" / "train.jsonl", "--model", teacher, "--output_dir", run, "--limit",
-          size["problems"], "--n", size["n"])
-    # --- 5. curation --------------------------------------------------------------------------------------------
-    stage("filter", PY, "-m", "filter", "--config", RECIPE / "filter.yaml", "--run_dir", run,
-          "--contamination_benchmarks", f"toy={world / 'problems' / 'test.jsonl'}")
-    # --- 6. students and 7. evals: two at a time (--jobs 2), each eval after its model ---------------------------
-    def student(name: str) -> None:
-        data = run / ("unfiltered" if name == "unfiltered" else "curated")
-        kd = ["--teacher_model", teacher] if name in ("filtered-kd", "filtered-on-policy") else []  # same tokenizer
-        after = ["filter (unfiltered export)"] if name == "unfiltered" else []
-        stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", data,
-              "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
-              "--max_steps", size["student_steps"], *kd, after=after)
-
-    with stages.parallel():  # queued in this order; each worker takes the first stage whose inputs are done
+            taught = ["sft teacher"]
+        # --- 2. the student base: pretrained on the corpus beside the teacher, or reused from the cache -------
+        base, cached = student_base(world, size, args.bases, stage)
+        based = [] if cached else ["sft student-base"]
+        # --- 4. teacher traces -------------------------------------------------------------------------------
+        stage("tracegen", PY, "-m", "tracegen", "--config", RECIPE / "tracegen.yaml", "--problems",
+              world / "problems" / "train.jsonl", "--model", teacher, "--output_dir", run, "--limit",
+              size["problems"], "--n", size["n"], after=taught)
+        # --- 5. curation (and, for comparison, every finished trace) ----------------------------------------
+        stage("filter", PY, "-m", "filter", "--config", RECIPE / "filter.yaml", "--run_dir", run,
+              "--contamination_benchmarks", f"toy={world / 'problems' / 'test.jsonl'}", after=["tracegen"])
         stage("filter (unfiltered export)", PY, "-m", "filter", "--config", RECIPE / "filter-none.yaml",
-              "--run_dir", run, "--db", run / "unfiltered.duckdb", "--output_dir", run / "unfiltered")
-        for name in sorted(STUDENTS, key=lambda name: name != "filtered-on-policy"):  # the longest first
-            student(name)
+              "--run_dir", run, "--db", run / "unfiltered.duckdb", "--output_dir", run / "unfiltered",
+              after=["tracegen"])
+        # --- 6. students from the same base, the same steps (the on-policy student, the longest, first) -------
+        for name in sorted(STUDENTS, key=lambda name: name != "filtered-on-policy"):
+            data, curated = ("unfiltered", "filter (unfiltered export)") if name == "unfiltered" else ("curated", "filter")
+            kd = ["--teacher_model", teacher] if name in ("filtered-kd", "filtered-on-policy") else []  # same tokenizer
+            stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", run / data,
+                  "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
+                  "--max_steps", size["student_steps"], *kd, after=[*based, curated])
         for name, source in QUANTIZED.items():
             stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
                   "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated",
                   after=[f"sft {source}"])
-        evals("teacher", teacher)
+        # --- 7. evals, each after its model --------------------------------------------------------------------
+        evals("student-base", base, after=based)
+        evals("teacher", teacher, after=taught)
         for name in STUDENTS:
             evals(name, run / "checkpoints" / name, after=[f"sft {name}"])
         for name in QUANTIZED:
             evals(name, run / "checkpoints" / name, after=[f"quantize {name}"])
+    (run / "student-base.json").write_text(json.dumps({"path": str(base), "cached": cached}, indent=2) + "\n")
     # --- 8. report -----------------------------------------------------------------------------------------------
     (run / "timings.json").write_text(json.dumps(stages.timings, indent=2) + "\n")
     stage("report", PY, RECIPE / "report.py", run, "--size", args.size)
@@ -279,8 +279,8 @@ def parse_args(argv):
     parser.add_argument("--bases", type=Path, default=Path("cache/bases"),
                         help="where pretrained bases are cached, one folder per content hash")
     parser.add_argument("--jobs", type=int, choices=(1, 2), default=2,
-                        help="2: the students and evals run two at a time, one torch thread each (each eval after "
-                             "its model); 1: every stage after the other")
+                        help="2: after the world, two stages at a time, one torch thread each, each after its "
+                             "inputs; 1: every stage after the other")
     return parser.parse_args(argv)
 
 
