@@ -10,6 +10,8 @@ from data.config import ConfigError, at_least, documented, json_dict, save_confi
 from data.config import parse_config as parse
 from evals.config import PUBLIC_BENCHMARKS
 
+DEFAULT_DB = "curation.duckdb"  # in the run directory, unless `db` says otherwise
+
 SELECT_BY = ("shortest", "most_confident")
 REASONING_FORMATS = ("think_tags", "field")
 
@@ -111,7 +113,7 @@ class FilterConfig:
             raise ConfigError(f"run_dir: {self.run_dir}: no such directory")
         if is_url(self.run_dir) and not (self.db and self.output_dir):
             raise ConfigError("db / output_dir: required when run_dir is a URL (both are local paths)")
-        self.db = self.db or f"{self.run_dir}/curation.duckdb"
+        self.db = self.db or f"{self.run_dir}/{DEFAULT_DB}"
         self.output_dir = (self.output_dir or f"{self.run_dir}/curated").rstrip("/")
         if self.contamination_benchmarks is None:
             self.contamination_benchmarks = list(PUBLIC_BENCHMARKS)

@@ -23,7 +23,7 @@ import yaml
 from data.config import ConfigError, InputError
 from filter import labels
 from filter.card import print_funnel, stats, write_card
-from filter.config import FilterConfig, is_url, parse_config
+from filter.config import DEFAULT_DB, FilterConfig, is_url, parse_config
 from filter.export import export
 from filter.rules import apply_rules
 from filter.select import select
@@ -92,12 +92,15 @@ def save_funnel(con, funnel: dict) -> None:
 
 
 def write_summary(cfg: FilterConfig, labeled: dict, views: list, funnel: dict, st: dict, wall_s: float) -> None:
-    """filter.config.yaml and filter.summary.json in the run directory (next to the db for remote runs)."""
+    """filter.config.yaml and filter.summary.json in the run directory (next to the db for remote runs); a run
+    with another database (`db: <run>/unfiltered.duckdb`) writes <its name>.filter.config.yaml and .summary.json,
+    so two curations of one run, even side by side, keep their own records."""
     folder = Path(cfg.db).parent if is_url(cfg.run_dir) else Path(cfg.run_dir)
-    cfg.save(folder / "filter.config.yaml")
+    prefix = "" if Path(cfg.db).name == DEFAULT_DB else f"{Path(cfg.db).stem}."
+    cfg.save(folder / f"{prefix}filter.config.yaml")
     summary = {"finished_at": datetime.now(UTC).isoformat(timespec="seconds"), "wall_s": round(wall_s, 1),
                "db": cfg.db, "output_dir": cfg.output_dir, "labeled_this_run": labeled, "views": views,
                "funnel": funnel, "exported": {k: v for k, v in st.items() if k != "lengths"}}
-    tmp = folder / "filter.summary.json.tmp"
+    tmp = folder / f"{prefix}filter.summary.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(folder / "filter.summary.json")
+    tmp.replace(folder / f"{prefix}filter.summary.json")

@@ -3,11 +3,15 @@ updates, selection, and the export as the sft stage reads it."""
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from filter.main import main
 from tests.filter.runs import (
@@ -20,6 +24,8 @@ from tests.filter.runs import (
     trace_row,
     write_part,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _db(run):
@@ -111,6 +117,25 @@ def test_rerun_labels_only_new_traces_and_updates_agreement(tmp_path):
     assert kept == KEPT | {"new_m2", "failed"}  # the retry replaced the error row
     assert main(filter_argv(run)) == 0  # nothing new: nothing graded
     assert json.loads((run / "filter.summary.json").read_text())["labeled_this_run"]["verified"] == 0
+
+
+def test_two_curations_of_one_run_side_by_side_keep_their_own_records(tmp_path):
+    """The quickstart curates a run twice at once (curated, and every trace unfiltered, into another database):
+    each writes its config and summary under its database's name, and neither breaks the other's."""
+    run = make_run(tmp_path)
+    other = ["--db", str(run / "unfiltered.duckdb"), "--output_dir", str(run / "unfiltered")]
+    config = filter_argv(run)[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "filter", "--config", config, *flags], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for flags in ([], [*other, "--disable_rules", '["unverified", "no_answer"]'])]
+    for proc in procs:
+        assert proc.wait(300) == 0, proc.stderr.read()[-2000:]
+    curated, unfiltered = (json.loads((run / name).read_text())
+                           for name in ("filter.summary.json", "unfiltered.filter.summary.json"))
+    assert curated["db"] == str(run / "curation.duckdb") and unfiltered["db"] == str(run / "unfiltered.duckdb")
+    assert curated["funnel"]["kept"] == len(KEPT) < unfiltered["funnel"]["kept"]
+    assert yaml.safe_load((run / "unfiltered.filter.config.yaml").read_text())["output_dir"] == str(run / "unfiltered")
+    assert not list(run.glob("*.tmp"))
 
 
 def test_interrupted_run_leaves_the_previous_database(tmp_path, monkeypatch):
