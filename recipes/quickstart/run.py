@@ -1,6 +1,6 @@
 """The whole R1-style distillation loop in the toy world, every stage for real, on a CPU.
 
-    .venv/bin/python recipes/quickstart/run.py                 # make quickstart: full size (~25 min on 2 cores)
+    .venv/bin/python recipes/quickstart/run.py                 # make quickstart: full size (~18 min on 2 cores)
     .venv/bin/python recipes/quickstart/run.py --size ci       # the same path, smaller (the CI test)
 
 1. build the toy world (problems with gold solutions, the pretraining corpus, tokenizer, random teacher/student)
