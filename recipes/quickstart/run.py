@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None, call=None) -> int:
               after=["tracegen"])
         # --- 6. students from the same base, the same steps (the on-policy student, the longest, first) -------
         for name in sorted(STUDENTS, key=lambda name: name != "filtered-on-policy"):
-            data, curated = ("unfiltered", "filter (unfiltered export)") if name == "unfiltered" else ("curated", "filter")
+            data, curation = ("unfiltered", "filter (unfiltered export)") if name == "unfiltered" else ("curated", "filter")
             kd = ["--teacher_model", teacher] if name in ("filtered-kd", "filtered-on-policy") else []  # same tokenizer
             stage(f"sft {name}", PY, "-m", "sft", "--config", RECIPE / f"sft-{name}.yaml", "--dataset", run / data,
                   "--model_name_or_path", base, "--output_dir", run / "checkpoints" / name,
-                  "--max_steps", size["student_steps"], *kd, after=[*based, curated])
+                  "--max_steps", size["student_steps"], *kd, after=[*based, curation])
         for name, source in QUANTIZED.items():
             stage(f"quantize {name}", PY, "-m", "sft.quantize", "--model", run / "checkpoints" / source, "--scheme",
                   "int8", "--output_dir", run / "checkpoints" / name, "--dataset", run / "curated",
