@@ -215,7 +215,7 @@ def last_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint-<step> folder. The Trainer writes trainer_state.json last, so a folder without
     it was being saved when the run was stopped: it is passed over (and overwritten when that step comes again)."""
     found = {}
-    for path in Path(output_dir).glob("checkpoint-*") if Path(output_dir).is_dir() else ():
+    for path in Path(output_dir).glob("checkpoint-*"):  # nothing when output_dir does not exist yet
         step = path.name.removeprefix("checkpoint-")
         if step.isdigit() and path.is_dir():
             found[int(step)] = path
